@@ -1,0 +1,27 @@
+"""Train EigenGAN on AnimeFace at 128 × 128 (Song et al., arXiv 2212.05599, disentanglement).
+
+The published run, from this folder or with ``eigengan/`` prefixed from the repository root:
+
+    python train_animeface.py DATA_ROOT --size 128 --batch 64 --reg_type nog --name anime_nog
+
+A CPU smoke run of one step:
+
+    python eigengan/train_animeface.py DATA_ROOT --size 32 --batch 4 --base_channels 4 \
+        --max_channels 16 --noise_dim 16 --n_workers 0 --dry_run --name smoke
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eigengan import trainer  # noqa: E402
+from models.runs import run_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return trainer.main(argv, size=128,
+                        description='Train EigenGAN on AnimeFace (default 128 px).')
+
+
+if __name__ == '__main__':
+    run_main(main)
