@@ -1,0 +1,1 @@
+"""Vanilla GAN of the latent-disentanglement experiments (networks, losses, training)."""

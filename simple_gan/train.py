@@ -1,0 +1,320 @@
+"""Train the vanilla GAN with NOG, OLR, OroJaR or the Hessian Penalty on its first layer.
+
+Reproduces the latent-disentanglement experiments of Song, Sebe and Wang, "Orthogonal SVD
+Covariance Conditioning and Latent Disentanglement" (TPAMI 2023, arXiv 2212.05599). A
+128-pixel GAN is trained on CelebA or LSUN Church. Its first layer (latent to 1024 channels)
+gets nearest orthogonal gradients (nog), the optimal learning rate (olr) or both, and is
+compared with the OroJaR and Hessian Penalty baselines.
+
+Usage (from simple_gan/ or from the repository root):
+    python train.py --dataset_mode celeba --model gan128 --nz 30 --reg_type nog \\
+        --dataroot CELEBA_ROOT --name celeba_nog
+    python simple_gan/train.py --dataset_mode lsun --model gan128 --reg_type orojar \\
+        --dataroot church_outdoor_train_lmdb --name lsun_orojar
+    # CPU smoke run: two steps on a small image folder
+    python simple_gan/train.py --dataset_mode celeba --model gan --dataroot FOLDER \\
+        --device cpu --dry_run --width_mult 0.0625 --batch_size 4
+
+The run folder is --checkpoints_dir/--name. It contains config.json, stats.jsonl, tb/
+(TensorBoard), images/ (sample grids from a fixed set of codes), latest.pt (every
+--save_latest_freq steps, at each epoch end and on SIGTERM or SIGINT) and epoch_NNNN.pt
+(every --save_epoch_freq epochs). --continue_train resumes from latest.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from models.gan import save_image_grid  # noqa: E402
+from models.runs import (RunLogger, load_checkpoint, prepare_run_dir,  # noqa: E402
+                         run_main, seed_everything, select_device)
+from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
+from simple_gan.losses import GAN_MODES  # noqa: E402
+from simple_gan.networks import IMAGE_SIZES  # noqa: E402
+from simple_gan.trainer import (LR_POLICIES, REG_TYPES, GANTraining,  # noqa: E402
+                                build_training, method_of, random_flip, train_step)
+
+N_FIXED_SAMPLES = 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group('data')
+    data.add_argument('--dataroot', required=True,
+                      help='CelebA image folder (searched recursively) or LSUN LMDB folder')
+    data.add_argument('--dataset_mode', choices=DATASET_MODES, default='celeba',
+                      help='celeba: aligned images cropped to 170x170; lsun: LMDB of images')
+    data.add_argument('--max_dataset_size', type=int, default=None,
+                      help='use only the first N images (default: all)')
+    data.add_argument('--num_threads', type=int, default=4, help='data-loader worker processes')
+
+    model = parser.add_argument_group('model')
+    model.add_argument('--model', choices=tuple(IMAGE_SIZES), default='gan128',
+                       help='gan: 64-pixel networks; gan128: 128-pixel networks')
+    model.add_argument('--nz', type=int, default=30, help='latent size')
+    model.add_argument('--nc_out', type=int, default=3, help='image channels (3, or 1 for grey)')
+    model.add_argument('--width_mult', type=float, default=1.0,
+                       help='multiplier of every channel count (1 = published networks; '
+                            'small values give tiny networks for tests)')
+
+    reg = parser.add_argument_group('orthogonality and regularisers')
+    reg.add_argument('--reg_type', choices=REG_TYPES, default='none',
+                     help='nog/olr/nog_olr act on the first layer; orojar and hp are '
+                          'penalties; none is the baseline')
+    reg.add_argument('--reg_lambda', type=float, default=1e-5,
+                     help='weight of the OroJaR or Hessian Penalty term')
+    reg.add_argument('--epsilon', type=float, default=0.1,
+                     help='finite-difference step of OroJaR and the Hessian Penalty')
+    reg.add_argument('--num_rademacher_samples', type=int, default=2,
+                     help='Rademacher samples per code for OroJaR and the Hessian Penalty')
+
+    optim = parser.add_argument_group('optimisation')
+    optim.add_argument('--batch_size', type=int, default=128, help='images per step')
+    optim.add_argument('--lr', type=float, default=2e-4, help='Adam learning rate of G and D')
+    optim.add_argument('--beta1', type=float, default=0.5, help='Adam beta1 (beta2 is 0.999)')
+    optim.add_argument('--gan_mode', choices=GAN_MODES, default='vanilla',
+                       help='adversarial loss')
+    optim.add_argument('--gp_weight', type=float, default=10.0,
+                       help='weight of the gradient penalty on D (0 turns it off)')
+    optim.add_argument('--n_epochs', type=int, default=600,
+                       help='epochs at the initial learning rate')
+    optim.add_argument('--n_epochs_decay', type=int, default=600,
+                       help='epochs of linear decay to zero after --n_epochs')
+    optim.add_argument('--lr_policy', choices=LR_POLICIES, default='linear',
+                       help='learning-rate schedule, stepped per epoch')
+    optim.add_argument('--lr_decay_iters', type=int, default=50,
+                       help='epochs between the x0.1 steps of --lr_policy step')
+    optim.add_argument('--epoch_count', type=int, default=1,
+                       help='number of the first epoch of a new run (shifts the linear '
+                            'schedule); a resumed run continues from its checkpoint')
+    optim.add_argument('--max_steps', type=int, default=0,
+                       help='stop after this many generator steps in total (0: no limit)')
+
+    log = parser.add_argument_group('logging and checkpoints')
+    log.add_argument('--name', default=None,
+                     help='run folder name (default: DATASET_MODEL_METHOD_seedSEED)')
+    log.add_argument('--checkpoints_dir', default=str(REPO_ROOT / 'checkpoints'),
+                     help='parent folder of run folders')
+    log.add_argument('--continue_train', action='store_true',
+                     help='resume the run in --checkpoints_dir/--name from latest.pt')
+    log.add_argument('--print_freq', type=int, default=100, help='steps between status lines')
+    log.add_argument('--display_freq', type=int, default=1000,
+                     help='steps between sample grids')
+    log.add_argument('--save_latest_freq', type=int, default=5000,
+                     help='steps between saves of latest.pt')
+    log.add_argument('--save_epoch_freq', type=int, default=5,
+                     help='epochs between saves of epoch_NNNN.pt')
+
+    system = parser.add_argument_group('system')
+    system.add_argument('--gpu_ids', default='0',
+                        help="GPU ids, comma separated; '-1' for the CPU. One process uses "
+                             "the first id")
+    system.add_argument('--device', default='auto',
+                        help='auto, cpu, cuda or cuda:N; overrides --gpu_ids when not auto')
+    system.add_argument('--seed', type=int, default=0, help='random seed')
+    system.add_argument('--dry_run', action='store_true',
+                        help='run two steps, save a sample grid and latest.pt, and exit')
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = ('batch_size', 'nz', 'print_freq', 'display_freq', 'save_latest_freq',
+                'save_epoch_freq', 'lr_decay_iters')
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.nc_out not in (1, 3):
+        parser.error(f"--nc_out must be 3 (RGB) or 1 (grey), got {args.nc_out}")
+    if args.num_rademacher_samples < 2:
+        parser.error("--num_rademacher_samples must be at least 2 (the penalties are variances)")
+    if args.epsilon <= 0 or args.width_mult <= 0 or args.lr <= 0:
+        parser.error("--epsilon, --width_mult and --lr must be positive")
+    for name in ('n_epochs', 'n_epochs_decay', 'num_threads', 'max_steps'):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.max_dataset_size is not None and args.max_dataset_size < 1:
+        parser.error(f"--max_dataset_size must be at least 1, got {args.max_dataset_size}")
+
+
+def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """--device wins when set; else --gpu_ids picks cuda:ID (if CUDA exists) or '-1' the CPU."""
+    try:
+        ids = [int(i) for i in args.gpu_ids.split(',') if i.strip() != '']
+    except ValueError:
+        parser.error(f"--gpu_ids must be comma-separated integers such as 0 or 0,1 (or -1 for "
+                     f"the CPU), got {args.gpu_ids!r}")
+    if args.device != 'auto':
+        device = select_device(args.device)
+        if ids and ids[0] < 0 and device.type == 'cuda':
+            parser.error(f"--gpu_ids -1 (CPU) conflicts with --device {args.device}")
+        return device
+    if not ids or ids[0] < 0 or not torch.cuda.is_available():
+        return torch.device('cpu')
+    if len(ids) > 1:
+        print(f"note: one process uses one GPU; training on cuda:{ids[0]} only")
+    return select_device(f'cuda:{ids[0]}')
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a flag that the loop checks after every step.
+
+    The step in progress finishes, latest.pt is saved and the trainer exits with status 0,
+    which is what a SLURM preemption or `timeout` needs to resume later. A second signal
+    stops at once, without saving (KeyboardInterrupt, exit status 130).
+    """
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        # No printing here: a signal that lands inside a print would make it re-entrant.
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Let data-loader workers ignore SIGTERM and SIGINT.
+
+    `timeout`, Ctrl-C and some schedulers signal the whole process group. A worker killed by
+    the signal would make the main process fail before it could save, so only the main
+    process reacts, and it shuts the workers down when it returns.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def epoch_batches(t: GANTraining, loader: DataLoader, batch_size: int):
+    """Iterate over the rest of the epoch in progress (skipping the batches already done)."""
+    t.sampler.set_epoch(t.epoch)
+    t.sampler.start = t.epoch_step * batch_size
+    yield from loader
+
+
+def end_epoch(t: GANTraining, run_dir: Path, args: argparse.Namespace) -> None:
+    # Learning-rate schedules are per epoch; checkpoints every --save_epoch_freq epochs.
+    t.sched_G.step()
+    t.sched_D.step()
+    finished = t.epoch
+    t.epoch, t.epoch_step = t.epoch + 1, 0
+    if finished % args.save_epoch_freq == 0:
+        t.save(run_dir / f'epoch_{finished:04d}.pt')
+    t.save(run_dir / 'latest.pt')
+
+
+def save_samples(t: GANTraining, z_fixed: torch.Tensor, run_dir: Path) -> None:
+    with torch.no_grad():
+        images = t.G(z_fixed)
+    save_image_grid(images, run_dir / 'images' / f'step_{t.step:07d}.png', nrow=8)
+
+
+def train(t: GANTraining, loader: DataLoader, run_dir: Path, logger: RunLogger,
+          args: argparse.Namespace, device: torch.device, stop: StopRequest) -> str:
+    """Run the training loop; return why it stopped ('finished', 'max_steps' or a signal)."""
+    last_epoch = t.first_epoch + args.n_epochs + args.n_epochs_decay - 1
+    max_steps = 2 if args.dry_run else args.max_steps
+    z_fixed = torch.randn(N_FIXED_SAMPLES, args.nz,
+                          generator=torch.Generator().manual_seed(args.seed)).to(device)
+    tick, tick_step = time.time(), t.step
+    while t.epoch <= last_epoch:
+        for real_img in epoch_batches(t, loader, args.batch_size):
+            # Fetch the batch; flips use the global RNG that checkpoints save.
+            real_img = random_flip(real_img).to(device, non_blocking=True)
+            if args.nc_out == 1:
+                real_img = real_img.mean(dim=1, keepdim=True)
+
+            # Discriminator step, then generator step (with NOG/OLR or a regulariser).
+            record = train_step(t, real_img, args)
+            t.step += 1
+            t.epoch_step += 1
+
+            # Status line, TensorBoard scalars and stats.jsonl.
+            if t.step % args.print_freq == 0 or t.step == max_steps:
+                seconds = (time.time() - tick) / (t.step - tick_step)
+                tick, tick_step = time.time(), t.step
+                record.update(step=t.step, epoch=t.epoch, time_per_step=seconds)
+                print(f"epoch {t.epoch} step {t.step} loss_D {record['loss_D']:.4f} "
+                      f"loss_G {record['loss_G']:.4f} reg {record['loss_G_reg']:.3e} "
+                      f"lr {record['lr']:.2e} lr_first {record['lr_first']:.2e} "
+                      f"orth_error {record['orth_error']:.3f} time {seconds:.3f} s/step",
+                      flush=True)
+                logger.scalars(t.step, {k: v for k, v in record.items()
+                                        if isinstance(v, float)})
+                logger.stats(record)
+
+            # Sample grid and latest checkpoint.
+            if t.step % args.display_freq == 0 or t.step == max_steps:
+                save_samples(t, z_fixed, run_dir)
+            if t.step % args.save_latest_freq == 0:
+                t.save(run_dir / 'latest.pt')
+
+            # Stop early on --max_steps, --dry_run or a signal.
+            if stop.requested or t.step == max_steps:
+                t.save(run_dir / 'latest.pt')
+                return stop.requested or 'max_steps'
+        end_epoch(t, run_dir, args)
+    return 'finished'
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    device = resolve_device(parser, args)
+    method = method_of(args.reg_type)
+    name = args.name or f'{args.dataset_mode}_{args.model}_{method}_seed{args.seed}'
+    run_dir = Path(args.checkpoints_dir).expanduser() / name
+
+    # The dataset comes first, so a wrong --dataroot fails before a run folder is created.
+    seed_everything(args.seed)
+    dataset = make_dataset(args.dataset_mode, args.dataroot, IMAGE_SIZES[args.model],
+                           args.max_dataset_size)
+    run_dir = prepare_run_dir(run_dir, args.continue_train, args, argv, family='simple_gan',
+                              dataset=args.dataset_mode, method=method,
+                              resume_flag='--continue_train')
+    checkpoint = None
+    if args.continue_train:
+        if (run_dir / 'latest.pt').is_file():
+            checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location=device)
+            print(f"resuming {run_dir} at step {checkpoint['step']}, epoch {checkpoint['epoch']}")
+        else:
+            print(f"{run_dir} has no latest.pt yet; starting from step 0")
+    t = build_training(args, len(dataset), device, checkpoint)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=t.sampler,
+                        num_workers=args.num_threads, pin_memory=device.type == 'cuda',
+                        drop_last=False, generator=torch.Generator().manual_seed(args.seed),
+                        worker_init_fn=ignore_stop_signals)
+
+    purge_step = t.step + 1 if checkpoint is not None else None
+    with RunLogger(run_dir, purge_step=purge_step, purge_key='step') as logger, \
+            StopRequest() as stop:
+        reason = train(t, loader, run_dir, logger, args, device, stop)
+    if reason == 'finished':
+        t.save(run_dir / 'latest.pt')
+    print(f"stopped ({reason}) at step {t.step}, epoch {t.epoch}; "
+          f"checkpoint {run_dir / 'latest.pt'}")
+    return 0
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,113 @@
+"""Tests of training_scripts/: syntax, argument handling (with a stub interpreter) and an end
+to end run of the CelebA scripts and the LSUN dump on tiny data (real interpreter, CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_simple_gan import write_faces
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / 'training_scripts').glob('*.sh'))
+ENTRY_SCRIPTS = [p for p in SCRIPTS if p.name != 'common.sh']
+TINY_TRAIN = ['--model', 'gan', '--width_mult', '0.015625', '--nz', '4', '--batch_size', '4',
+              '--num_threads', '0', '--device', 'cpu', '--print_freq', '1']
+
+
+def run_script(name: str, *args: str, env: dict, timeout: int = 300):
+    result = subprocess.run(['bash', str(REPO / 'training_scripts' / name), *args],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=timeout)
+    return result, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    result = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize('script', ENTRY_SCRIPTS, ids=lambda p: p.name)
+def test_header_and_strict_mode(script):
+    text = script.read_text()
+    assert text.startswith('#!/usr/bin/env bash\n#SBATCH'), "no shebang and SLURM header"
+    assert '# Usage:' in text
+    assert 'set -euo pipefail' in text
+
+
+@pytest.fixture
+def stub(tmp_path):
+    """A stand-in interpreter that appends its arguments, one call per line, to a log."""
+    log = tmp_path / 'calls.log'
+    python = tmp_path / 'python'
+    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\n')
+    python.chmod(0o755)
+    env = {'PYTHON': str(python), 'CHECKPOINTS_DIR': str(tmp_path / 'ck')}
+    return env, log
+
+
+def test_train_arguments_and_resume(stub, tmp_path):
+    env, log = stub
+    result, output = run_script('train_celeba.sh', 'orojar', '/data/celeba', '--seed', '3',
+                                env=env)
+    assert result.returncode == 0, output
+    call = log.read_text().splitlines()[-1]
+    assert '--reg_lambda 1e-6' in call, call
+    assert call.endswith('--seed 3'), call
+    assert '--dataroot /data/celeba --name celeba_orojar' in call, call
+    assert '--continue_train' not in call
+
+    # A run folder with config.json is resumed; the data path can come from the environment.
+    (tmp_path / 'ck' / 'lsun_nog').mkdir(parents=True)
+    (tmp_path / 'ck' / 'lsun_nog' / 'config.json').write_text('{}')
+    result, output = run_script('train_lsun.sh', 'nog', env={**env, 'LSUN_ROOT': '/data/db'})
+    assert result.returncode == 0, output
+    call = log.read_text().splitlines()[-1]
+    assert '--dataset_mode lsun' in call, call
+    assert '--continue_train' in call, call
+
+
+def test_bad_method_and_missing_data(stub):
+    env, _ = stub
+    result, output = run_script('train_celeba.sh', 'sgd', '/data', env=env)
+    assert result.returncode == 2, output
+    assert "unknown method 'sgd'" in output, output
+    result, output = run_script('train_celeba.sh', 'nog', env={**env, 'CELEBA_ROOT': ''})
+    assert result.returncode == 2, output
+    assert 'CELEBA_ROOT' in output, output
+
+
+def test_celeba_end_to_end(tmp_path):
+    faces = write_faces(tmp_path / 'faces', n=6)
+    env = {'PYTHON': sys.executable, 'CHECKPOINTS_DIR': str(tmp_path / 'ck'), 'DEVICE': 'cpu',
+           'IMAGE_SIZE': '64', 'N_PAIRS': '3', 'MODEL_TYPE': 'gan',
+           'VISUALIZE_OPTIONS': '--samples 1 --steps 2', 'TORCH_HOME': str(tmp_path / 'th')}
+    result, output = run_script('train_celeba.sh', 'nog', str(faces), '--max_steps', '1',
+                                *TINY_TRAIN, env=env)
+    assert result.returncode == 0, output
+    run_dir = tmp_path / 'ck' / 'celeba_nog'
+    assert (run_dir / 'latest.pt').is_file()
+
+    result, output = run_script('test_celeba.sh', 'nog', str(faces), '--batch_size', '2',
+                                env=env)
+    assert result.returncode == 0, output
+    assert (run_dir / 'traversals' / 'latest' / 'traversal.gif').is_file()
+    assert len(list((run_dir / 'traversals_sefa' / 'latest').glob('dim_*.png'))) == 4
+    assert len(list((run_dir / 'vp_pairs' / 'samples').glob('*.png'))) == 3
+    assert len(list((tmp_path / 'ck' / 'celeba_real_64').glob('*.png'))) == 6
+    assert output.count('FID skipped: Inception weights not found') == 1, output
+
+
+def test_lsun_dump(tmp_path):
+    from simple_gan.lmdb_tool import main as lmdb_tool
+    faces = write_faces(tmp_path / 'faces', n=3)
+    assert lmdb_tool(['create', str(faces), str(tmp_path / 'db'), '--size', '40']) == 0
+    env = {'PYTHON': sys.executable, 'CHECKPOINTS_DIR': str(tmp_path / 'ck'),
+           'IMAGE_SIZE': '32', 'LSUN_ROOT': str(tmp_path / 'db')}
+    result, output = run_script('dump_lsun.sh', env=env)
+    assert result.returncode == 0, output
+    assert len(list((tmp_path / 'ck' / 'lsun_real_32').glob('*.png'))) == 3

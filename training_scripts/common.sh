@@ -1,0 +1,124 @@
+# Shared functions of the vanilla GAN scripts; sourced by train_*.sh, test_*.sh and
+# visualize_*.sh after they have set REPO_ROOT. Not meant to be run on its own.
+#
+# Environment variables (all optional):
+#   PYTHON           Python interpreter (default: python)
+#   CHECKPOINTS_DIR  parent folder of the run folders (default: REPO_ROOT/checkpoints)
+#   DEVICE           device for evaluation: auto, cpu, cuda or cuda:N (default: auto)
+#   IMAGE_SIZE       side of the real images prepared for FID (default: 128, as gan128)
+#   N_PAIRS          VP pairs to generate, whose left images are the FID samples (default: 10000)
+#   MODEL_TYPE       --model of the trained runs, gan128 or gan (default: gan128)
+#   REAL_DIR         real images for FID (default: CHECKPOINTS_DIR/DATASET_real_IMAGE_SIZE)
+#   VISUALIZE_OPTIONS  extra options of simple_gan/visualize.py, split at spaces
+#                    (for example "--samples 4 --steps 5")
+
+PYTHON="${PYTHON:-python}"
+CHECKPOINTS_DIR="${CHECKPOINTS_DIR:-$REPO_ROOT/checkpoints}"
+DEVICE="${DEVICE:-auto}"
+IMAGE_SIZE="${IMAGE_SIZE:-128}"
+N_PAIRS="${N_PAIRS:-10000}"
+MODEL_TYPE="${MODEL_TYPE:-gan128}"
+# pytorch-fid looks for its Inception weights in torch's hub cache and downloads them if absent.
+TORCH_HOME="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}"
+INCEPTION_WEIGHTS="$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+# check_method METHOD: the --reg_type values of simple_gan/train.py.
+check_method() {
+  case "$1" in
+    nog|olr|nog_olr|orojar|hp|none) ;;
+    *) die "unknown method '$1'; expected nog, olr, nog_olr, orojar, hp or none" ;;
+  esac
+}
+
+# run_training DATASET_MODE DATAROOT METHOD [train.py options...]
+# Starts the run CHECKPOINTS_DIR/DATASET_METHOD, or resumes it when its folder exists (a
+# requeued SLURM job or a second call). exec hands SIGTERM straight to the trainer, which
+# saves latest.pt and exits 0.
+run_training() {
+  local dataset_mode="$1" dataroot="$2" method="$3"
+  shift 3
+  local name="${dataset_mode}_${method}"
+  local resume=()
+  if [[ -f "$CHECKPOINTS_DIR/$name/config.json" ]]; then
+    resume=(--continue_train)
+    echo "resuming $CHECKPOINTS_DIR/$name"
+  fi
+  cd "$REPO_ROOT"
+  exec "$PYTHON" simple_gan/train.py --dataset_mode "$dataset_mode" --model "$MODEL_TYPE" --nz 30 \
+    --reg_type "$method" --dataroot "$dataroot" --name "$name" \
+    --checkpoints_dir "$CHECKPOINTS_DIR" "${resume[@]}" "$@"
+}
+
+# prepare_real_images DATASET_MODE DATAROOT OUT_DIR: the training view of the real images,
+# as IMAGE_SIZE PNG files, unless OUT_DIR already contains PNG files.
+prepare_real_images() {
+  local dataset_mode="$1" dataroot="$2" out_dir="$3"
+  if compgen -G "$out_dir/*.png" > /dev/null; then
+    echo "real images: using the existing $out_dir"
+    return
+  fi
+  "$PYTHON" simple_gan/lmdb_tool.py dump "$dataroot" "$out_dir" \
+    --dataset_mode "$dataset_mode" --size "$IMAGE_SIZE"
+}
+
+# compute_fid RUN_DIR SAMPLES_DIR REAL_DIR: FID with pytorch-fid, merged into metrics.json.
+compute_fid() {
+  local run_dir="$1" samples="$2" real="$3"
+  if [[ ! -f "$INCEPTION_WEIGHTS" ]]; then
+    echo "FID skipped: Inception weights not found at $INCEPTION_WEIGHTS (pytorch-fid" \
+      "downloads them there when online; copy the file there on an offline machine)"
+    return
+  fi
+  local fid_device=()
+  if [[ "$DEVICE" != auto ]]; then
+    fid_device=(--device "$DEVICE")
+  fi
+  local output
+  output="$("$PYTHON" -m pytorch_fid "${fid_device[@]}" "$samples" "$real")"
+  echo "$output"
+  local fid
+  fid="$(sed -n 's/^FID:[[:space:]]*//p' <<< "$output")"
+  "$PYTHON" -c 'import sys
+from models.runs import update_metrics
+update_metrics(sys.argv[1], fid={"value": float(sys.argv[2]),
+               "settings": {"generated": sys.argv[3], "real": sys.argv[4],
+                            "size": int(sys.argv[5]), "tool": "pytorch_fid"}})' \
+    "$run_dir" "$fid" "$samples" "$real" "$IMAGE_SIZE"
+  echo "FID $fid written to $run_dir/metrics.json"
+}
+
+# run_tests DATASET_MODE DATAROOT METHOD [gen_pairs.py options...]
+# Traversals (plain and SeFa), VP pairs in RUN_DIR/vp_pairs and FID of their left images
+# against the real images at IMAGE_SIZE.
+run_tests() {
+  local dataset_mode="$1" dataroot="$2" method="$3"
+  shift 3
+  local run_dir="$CHECKPOINTS_DIR/${dataset_mode}_${method}"
+  local checkpoint="$run_dir/latest.pt"
+  [[ -f "$checkpoint" ]] || die "checkpoint $checkpoint not found; train the run first"
+  cd "$REPO_ROOT"
+
+  echo "== traversals of $checkpoint"
+  local visualize_options=()
+  read -r -a visualize_options <<< "${VISUALIZE_OPTIONS:-}"
+  "$PYTHON" simple_gan/visualize.py --model_path "$checkpoint" --device "$DEVICE" \
+    --directions both "${visualize_options[@]}"
+
+  echo "== VP pairs"
+  if [[ -f "$run_dir/vp_pairs/labels.npy" ]]; then
+    echo "VP pairs: using the existing $run_dir/vp_pairs"
+  else
+    "$PYTHON" gen_pairs.py --model_type "$MODEL_TYPE" --model_path "$checkpoint" \
+      --n_pairs "$N_PAIRS" --save_dir "$run_dir/vp_pairs" --device "$DEVICE" "$@"
+  fi
+
+  echo "== FID"
+  local real_dir="${REAL_DIR:-$CHECKPOINTS_DIR/${dataset_mode}_real_${IMAGE_SIZE}}"
+  prepare_real_images "$dataset_mode" "$dataroot" "$real_dir"
+  compute_fid "$run_dir" "$run_dir/vp_pairs/samples" "$real_dir"
+}

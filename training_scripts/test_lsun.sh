@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=sgan_test_lsun
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=32G
+#SBATCH --time=4:00:00
+#SBATCH --signal=B:TERM@300
+#SBATCH --output=slurm-%x-%j.out
+# Evaluate a trained LSUN Church outdoor run: traversals (plain and SeFa), VP pairs and FID.
+#
+# Usage: training_scripts/test_lsun.sh METHOD [LSUN_ROOT] [gen_pairs.py options...]
+#        sbatch training_scripts/test_lsun.sh METHOD [LSUN_ROOT]
+#   METHOD     the method of the run CHECKPOINTS_DIR/lsun_METHOD (nog, olr, orojar, ...)
+#   LSUN_ROOT  LSUN LMDB folder (or LSUN_ROOT), for the real images of FID
+# Writes into the run folder: traversals/ and traversals_sefa/, vp_pairs/ (N_PAIRS pairs,
+# labels.npy, codes.npz, samples/), and metrics.json with the FID of vp_pairs/samples against
+# the real images at IMAGE_SIZE (prepared once into REAL_DIR). FID is skipped with one line
+# when pytorch-fid's Inception weights are not in torch's hub cache.
+# Other environment variables (see common.sh): PYTHON, CHECKPOINTS_DIR, DEVICE, IMAGE_SIZE,
+# N_PAIRS, MODEL_TYPE, REAL_DIR, VISUALIZE_OPTIONS.
+set -euo pipefail
+
+# Under sbatch this file runs from a spool copy, so the repository is also looked for in the
+# submit folder and its parent.
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+for candidate in "${REPO_ROOT:-}" "$script_dir/.." "${SLURM_SUBMIT_DIR:-}" \
+    "${SLURM_SUBMIT_DIR:-.}/.."; do
+  if [[ -n "$candidate" && -f "$candidate/simple_gan/train.py" ]]; then
+    REPO_ROOT="$(cd "$candidate" && pwd)"
+    break
+  fi
+done
+[[ -f "${REPO_ROOT:-}/simple_gan/train.py" ]] || {
+  echo "error: repository not found; set REPO_ROOT to the folder holding simple_gan/" >&2
+  exit 2
+}
+source "$REPO_ROOT/training_scripts/common.sh"
+
+[[ $# -ge 1 ]] || die "pass the method of the run as the first argument"
+METHOD="$1"
+shift
+check_method "$METHOD"
+
+# The data path is the next argument unless it is an option, else $LSUN_ROOT.
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  LSUN_ROOT="$1"
+  shift
+fi
+[[ -n "${LSUN_ROOT:-}" ]] || die "pass the data path as an argument or set LSUN_ROOT"
+
+run_tests lsun "$LSUN_ROOT" "$METHOD" "$@"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=sgan_train_lsun
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=32G
+#SBATCH --time=72:00:00
+#SBATCH --signal=B:TERM@300
+#SBATCH --output=slurm-%x-%j.out
+# Train the 128-pixel vanilla GAN on LSUN Church outdoor with one method, or resume that run.
+#
+# Usage: training_scripts/train_lsun.sh METHOD [LSUN_ROOT] [train.py options...]
+#        sbatch training_scripts/train_lsun.sh METHOD [LSUN_ROOT] [train.py options...]
+#   METHOD     nog, olr or orojar (also nog_olr, hp, none)
+#   LSUN_ROOT  LSUN LMDB folder (or the environment variable LSUN_ROOT)
+# The run folder is CHECKPOINTS_DIR/lsun_METHOD (default CHECKPOINTS_DIR: checkpoints/ in the
+# repository). When it exists the run resumes with --continue_train, so resubmitting the same
+# command after a preemption continues it. OroJaR uses --reg_lambda 1e-5, as published for
+# LSUN Church outdoor. Other environment variables: PYTHON, CHECKPOINTS_DIR, MODEL_TYPE.
+set -euo pipefail
+
+# Under sbatch this file runs from a spool copy, so the repository is also looked for in the
+# submit folder and its parent.
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+for candidate in "${REPO_ROOT:-}" "$script_dir/.." "${SLURM_SUBMIT_DIR:-}" \
+    "${SLURM_SUBMIT_DIR:-.}/.."; do
+  if [[ -n "$candidate" && -f "$candidate/simple_gan/train.py" ]]; then
+    REPO_ROOT="$(cd "$candidate" && pwd)"
+    break
+  fi
+done
+[[ -f "${REPO_ROOT:-}/simple_gan/train.py" ]] || {
+  echo "error: repository not found; set REPO_ROOT to the folder holding simple_gan/" >&2
+  exit 2
+}
+source "$REPO_ROOT/training_scripts/common.sh"
+
+[[ $# -ge 1 ]] || die "pass the method (nog, olr or orojar) as the first argument"
+METHOD="$1"
+shift
+check_method "$METHOD"
+
+# The data path is the next argument unless it is an option, else $LSUN_ROOT.
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  LSUN_ROOT="$1"
+  shift
+fi
+[[ -n "${LSUN_ROOT:-}" ]] || die "pass the data path as an argument or set LSUN_ROOT"
+
+extra=()
+if [[ "$METHOD" == orojar ]]; then
+  extra=(--reg_lambda 1e-5)
+fi
+run_training lsun "$LSUN_ROOT" "$METHOD" "${extra[@]}" "$@"
