@@ -4,6 +4,14 @@ The published run, from this folder or with ``eigengan/`` prefixed from the repo
 
     python train_ffhq.py DATA_ROOT --size 256 --batch 64 --reg_type nog --name ffhq_nog
 
+On 4 GPUs of one machine (``--batch`` stays the global batch, 16 images per GPU):
+
+    torchrun --standalone --nproc_per_node 4 eigengan/train_ffhq.py DATA_ROOT --batch 64 \
+        --name NAME
+
+SIGTERM or SIGINT ends the current step, writes RUN_FOLDER/checkpoints/last.pt and exits with
+status 0. The same command with ``--ckpt RUN_FOLDER/checkpoints/last.pt`` continues from it.
+
 A CPU smoke run of one step:
 
     python eigengan/train_ffhq.py DATA_ROOT --size 32 --batch 4 --base_channels 4 \

@@ -5,33 +5,48 @@ generated images, generator EMA, and one of the orthogonality treatments of the 
 ``U``: NOG (nearest orthogonal gradient), OLR (optimal learning rate), both, or the EigenGAN
 penalty ``mean((UUᵀ − I)²)`` (``ol``).
 
-The loop is split into one function per phase, and the data order comes from ``EpochSampler``,
-whose position is derived from the step count. A resumed run (``--ckpt``) on a CPU with
-``--n_workers 0`` reproduces an uninterrupted run exactly.
+One process, or one process per GPU under ``torchrun`` (``--batch`` is then the global batch,
+split evenly). The GAN has three backward passes per step (D, lazy R1 with a double backward,
+G with D frozen), so the ranks average gradients explicitly after each phase instead of
+wrapping the models in DistributedDataParallel. NOG and OLR then act on the same averaged
+gradient on every rank, and the models stay identical without further communication.
+
+The data order comes from a ``ResumableSampler`` whose position is derived from the step count.
+SIGTERM or SIGINT ends the current step, writes ``checkpoints/last.pt`` and exits with status 0.
+A run resumed from it with ``--ckpt`` (CPU, ``--n_workers 0``, the same number of processes)
+reproduces an uninterrupted run exactly.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from eigengan.model import Discriminator, Generator, d_loss, g_loss, orthogonality_penalty
-from models.gan import (EpochSampler, diff_augment, infinite_loader, make_ema, r1_penalty,
-                        save_image_grid)
+from eigengan.model import d_loss, g_loss, orthogonality_penalty
+from eigengan.state import GANState, build_state, resume, write_checkpoint
+from models.amp import add_amp_argument, autocast, check_amp, scaled_backward, step_optimizer
+from models.distributed import (DistContext, all_reduce_mean, any_rank, average_gradients,
+                                broadcast_module, cleanup, init_distributed, per_rank_batch,
+                                rank_seed, torchrun_environment)
+from models.gan import diff_augment, infinite_loader, r1_penalty, save_image_grid
 from models.images import ImageFolderDataset
-from models.orthogonality import OrthogonalUpdate, orthogonality_error, split_param_groups
-from models.runs import (REPO_ROOT, RunLogger, UserError, get_rng_state, load_checkpoint,
-                         prepare_run_dir, save_checkpoint, seed_everything, select_device,
-                         set_rng_state, to_plain)
+from models.orthogonality import orthogonality_error
+from models.preemption import PreemptionHandler, make_resumable_sampler, resume_position
+from models.runs import REPO_ROOT, RunLogger, UserError, prepare_run_dir, seed_everything
 
 REG_TYPES = ('nog', 'olr', 'nog_olr', 'ol', 'none')
 ADV_LOSSES = ('hinge', 'non_saturating', 'lsgan')
 METHOD_NAMES = {'nog': 'nog', 'olr': 'olr', 'nog_olr': 'nog_olr', 'ol': 'ol', 'none': 'baseline'}
+# Epoch e of the data order is seeded with seed * DATA_SEED_STRIDE + e, so that the epochs of
+# runs with nearby seeds do not share permutations (models.gan.EpochSampler uses the same rule).
+DATA_SEED_STRIDE = 1_000_003
 
 
 def build_parser(description: str, size: int) -> argparse.ArgumentParser:
@@ -41,7 +56,8 @@ def build_parser(description: str, size: int) -> argparse.ArgumentParser:
     data = parser.add_argument_group('data')
     data.add_argument('data', type=Path, help='folder of training images (searched recursively)')
     data.add_argument('--size', type=int, default=size, help='image side in pixels (power of 2)')
-    data.add_argument('--n_workers', type=int, default=4, help='data loading processes')
+    data.add_argument('--n_workers', type=int, default=4,
+                      help='data loading processes (per torchrun process)')
 
     model = parser.add_argument_group('model')
     model.add_argument('--n_basis', type=int, default=6, help='basis vectors per subspace')
@@ -51,7 +67,9 @@ def build_parser(description: str, size: int) -> argparse.ArgumentParser:
     model.add_argument('--max_channels', type=int, default=512, help='channel cap')
 
     optim = parser.add_argument_group('optimisation')
-    optim.add_argument('--batch', type=int, default=64, help='batch size')
+    optim.add_argument('--batch', type=int, default=64,
+                       help='global batch size; under torchrun each of the N processes takes '
+                            'batch / N')
     optim.add_argument('--lr', type=float, default=1e-4, help='Adam learning rate of G and D')
     optim.add_argument('--steps', type=int, default=500_000, help='training iterations')
     optim.add_argument('--adv_loss', choices=ADV_LOSSES, default='hinge', help='GAN loss')
@@ -80,8 +98,15 @@ def build_parser(description: str, size: int) -> argparse.ArgumentParser:
 
     system = parser.add_argument_group('system')
     system.add_argument('--ckpt', type=Path, default=None,
-                        help='checkpoint to resume from, in the same run folder')
-    system.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+                        help='checkpoint to resume from, in the same run folder; after a '
+                             'SIGTERM or SIGINT this is RUN_FOLDER/checkpoints/last.pt')
+    system.add_argument('--device', default='auto',
+                        help="'auto', 'cpu', 'cuda' or 'cuda:N'; under torchrun 'auto' or "
+                             "'cuda' (each process uses cuda:LOCAL_RANK) or 'cpu' (gloo)")
+    add_amp_argument(system)
+    system.add_argument('--channels_last', action='store_true',
+                        help='store the convolution weights of G and D in channels-last '
+                             'memory format (faster convolutions on recent GPUs)')
     system.add_argument('--seed', type=int, default=0, help='random seed')
     system.add_argument('--dry_run', action='store_true', help='train one step and exit')
     return parser
@@ -108,41 +133,41 @@ def run_folder(args: argparse.Namespace) -> Path:
     return args.logdir / name
 
 
-def build_models(args, device):
-    """Return ``G``, ``D`` and ``G_ema`` on ``device``."""
-    G = Generator(args.size, args.n_basis, args.noise_dim, args.base_channels,
-                  args.max_channels).to(device)
-    D = Discriminator(args.size, args.base_channels, args.max_channels).to(device)
-    # Decay 0.5 ** (batch / 10k): the EMA's half-life is 10,000 images whatever the batch.
-    G_ema = make_ema(G, decay=0.5 ** (args.batch / 10_000))
-    return G, D, G_ema
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A cluster scheduler may send SIGTERM to every process of the job, and Ctrl-C sends
+    # SIGINT to the terminal's foreground process group. A loader worker killed that way makes
+    # the training process raise at once ("DataLoader worker ... is killed by signal"), before
+    # the step can finish and the checkpoint be written. The workers ignore both signals and
+    # end when the loader shuts them down or the training process exits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_optimizers(args, G, D):
-    """Return the Adam optimizers and the NOG/OLR hook; every ``U`` gets its own group."""
-    bases = G.subspace_bases()
-    g_optim = torch.optim.Adam(split_param_groups(G.parameters(), bases), lr=args.lr,
-                               betas=(0.5, 0.99))
-    d_optim = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.99))
-    orth = OrthogonalUpdate(g_optim, bases, nog='nog' in args.reg_type,
-                            olr='olr' in args.reg_type)
-    return g_optim, d_optim, orth
+def make_batches(args, ctx: DistContext, dataset, start_step: int, per_batch: int):
+    """Return an endless iterator of this rank's real batches and the batches per epoch.
 
-
-def make_batches(args, dataset, start_step: int, device):
-    """Return an endless iterator of real batches, positioned after ``start_step`` batches."""
-    per_epoch = len(dataset) // args.batch
+    The iterator starts after ``start_step`` batches. Every rank draws the same permutation of
+    an epoch and takes every N-th index of it, so the N per-rank batches of a step hold the
+    images of one global batch of a single process.
+    """
+    sampler = make_resumable_sampler(dataset, ctx, seed=args.seed * DATA_SEED_STRIDE,
+                                     drop_last=True)
+    per_epoch = sampler.num_samples // per_batch
     if per_epoch == 0:
         raise UserError(f'{args.data} has {len(dataset)} readable images, fewer than --batch '
                         f'{args.batch}; lower --batch or add images')
-    epoch, within = divmod(start_step, per_epoch)
-    sampler = EpochSampler(len(dataset), args.seed, epoch=epoch, start=within * args.batch)
-    # The loader's own generator seeds worker processes, so the global RNG is never consumed.
-    loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler, drop_last=True,
-                        num_workers=args.n_workers, pin_memory=device.type == 'cuda',
-                        generator=torch.Generator().manual_seed(args.seed),
-                        persistent_workers=False)
-    return (batch.to(device, non_blocking=True) for batch in infinite_loader(loader, epoch))
+    epoch, start = resume_position(start_step, per_epoch, per_batch)
+    sampler.set_start(start)
+    # The loader's own generator seeds the worker processes (differently on each rank), so
+    # the global RNG is never consumed.
+    worker_seed = rank_seed(args.seed, ctx.rank)
+    loader = DataLoader(dataset, batch_size=per_batch, sampler=sampler, drop_last=True,
+                        num_workers=args.n_workers, pin_memory=ctx.device.type == 'cuda',
+                        generator=torch.Generator().manual_seed(worker_seed),
+                        worker_init_fn=_ignore_stop_signals, persistent_workers=False)
+    batches = (batch.to(ctx.device, non_blocking=True)
+               for batch in infinite_loader(loader, epoch))
+    return batches, per_epoch
 
 
 def sample_latents(G, n: int, device, generator=None):
@@ -152,80 +177,60 @@ def sample_latents(G, n: int, device, generator=None):
     return z, eps
 
 
-def d_step(args, G, D, d_optim, real_img):
+def d_step(args, s: GANState, real_img):
     """Discriminator step on augmented real and generated images; return its loss."""
-    with torch.no_grad():
-        gen_img = G(*sample_latents(G, real_img.shape[0], real_img.device))
-    real_pred = D(diff_augment(real_img))
-    gen_pred = D(diff_augment(gen_img))
+    device = real_img.device
+    with torch.no_grad(), autocast(device, args.amp):
+        gen_img = s.G(*sample_latents(s.G, real_img.shape[0], device))
+    with autocast(device, args.amp):
+        # The losses are formed in float32 from the logits.
+        real_pred = s.D(diff_augment(real_img)).float()
+        gen_pred = s.D(diff_augment(gen_img)).float()
     loss_D = d_loss(args.adv_loss, real_pred, gen_pred)
-    d_optim.zero_grad(set_to_none=True)
-    loss_D.backward()
-    d_optim.step()
+    s.d_optim.zero_grad(set_to_none=True)
+    scaled_backward(loss_D, s.d_scaler)
+    average_gradients(s.D.parameters())
+    step_optimizer(s.d_optim, s.d_scaler)
     return loss_D.detach(), real_pred.detach().mean(), gen_pred.detach().mean()
 
 
-def r1_step(args, D, d_optim, real_img):
-    """Lazy R1: ``γ/2 · E‖∇D(x)‖²`` scaled by the interval (Karras et al., arXiv 1912.04958)."""
+def r1_step(args, s: GANState, real_img):
+    """Lazy R1: ``γ/2 · E‖∇D(x)‖²`` scaled by the interval (Karras et al., arXiv 1912.04958).
+
+    The penalty runs in float32 outside autocast: in float16 the input gradient ``∇D(x)`` and
+    its square can underflow or overflow, and loss scaling would not reach that inner gradient.
+    Its backward still goes through ``d_scaler`` (a float32 multiplication by the scale), so
+    that ``unscale_`` in ``step_optimizer`` returns the true gradient.
+    """
     real_aug = diff_augment(real_img).detach().requires_grad_(True)
-    r1 = r1_penalty(D(real_aug), real_aug)
-    d_optim.zero_grad(set_to_none=True)
-    (args.d_reg / 2 * r1 * args.d_reg_every).backward()
-    d_optim.step()
+    r1 = r1_penalty(s.D(real_aug), real_aug)
+    s.d_optim.zero_grad(set_to_none=True)
+    scaled_backward(args.d_reg / 2 * r1 * args.d_reg_every, s.d_scaler)
+    average_gradients(s.D.parameters())
+    step_optimizer(s.d_optim, s.d_scaler)
     return r1.detach()
 
 
-def g_step(args, G, D, g_optim, orth, batch: int, device):
+def g_step(args, s: GANState, batch: int, device):
     """Generator step with NOG/OLR on the bases; return the losses and whether it stepped."""
-    D.requires_grad_(False)
-    gen_img = G(*sample_latents(G, batch, device))
-    loss_G = g_loss(args.adv_loss, D(diff_augment(gen_img)))
+    s.D.requires_grad_(False)
+    with autocast(device, args.amp):
+        gen_img = s.G(*sample_latents(s.G, batch, device))
+        gen_pred = s.D(diff_augment(gen_img)).float()
+    loss_G = g_loss(args.adv_loss, gen_pred)
     loss_ol = torch.zeros((), device=device)
     if args.reg_type == 'ol':
-        loss_ol = orthogonality_penalty(G.subspace_bases()) * args.orth_reg
-    g_optim.zero_grad(set_to_none=True)
-    (loss_G + loss_ol).backward()
-    D.requires_grad_(True)
-    # Nearest-orthogonal gradient and optimal learning rate act on every U after backward.
-    stepped = orth.apply(args.lr) if (orth.nog or orth.olr) else True
-    if stepped:
-        g_optim.step()
+        # Outside autocast: UUᵀ − I in half precision would lose the small deviations.
+        loss_ol = orthogonality_penalty(s.G.subspace_bases()) * args.orth_reg
+    s.g_optim.zero_grad(set_to_none=True)
+    scaled_backward(loss_G + loss_ol, s.g_scaler)
+    s.D.requires_grad_(True)
+    # Averaged before NOG and OLR, so that every rank orthogonalises the same gradient.
+    # step_optimizer unscales it first and skips the step when it is zero or not finite.
+    average_gradients(s.G.parameters())
+    orth = s.orth if (s.orth.nog or s.orth.olr) else None
+    stepped = step_optimizer(s.g_optim, s.g_scaler, orth, base_lr=args.lr)
     return loss_G.detach(), loss_ol.detach(), stepped
-
-
-def checkpoint_state(args, step, G, D, G_ema, g_optim, d_optim, orth) -> dict:
-    """Return everything a resumed run needs, as weights_only-loadable plain data."""
-    return {'step': step, 'arch': G.arch(), 'options': to_plain(vars(args)),
-            'G': G.state_dict(), 'D': D.state_dict(), 'G_ema': G_ema.state_dict(),
-            'g_optim': g_optim.state_dict(), 'd_optim': d_optim.state_dict(),
-            'orth_update': orth.state_dict(), 'rng': get_rng_state()}
-
-
-def save_run_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Write ``checkpoints/STEP.pt`` (zero-padded) and ``checkpoints/last.pt``, each atomically."""
-    path = run_dir / 'checkpoints' / f"{state['step']:07d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, state)
-    save_checkpoint(path.with_name('last.pt'), state)
-    return path
-
-
-def resume(args, G, D, G_ema, g_optim, d_optim, orth) -> int:
-    """Load ``--ckpt`` into the models, optimizers and RNGs; return the step it was saved at."""
-    state = load_checkpoint(args.ckpt)
-    if 'G_ema' not in state or 'arch' not in state:
-        raise UserError(f'--ckpt {args.ckpt} is not an EigenGAN checkpoint of this trainer')
-    if state['arch'] != G.arch():
-        raise UserError(f'--ckpt {args.ckpt} contains a generator with {state["arch"]}, but the '
-                        f'flags build {G.arch()}; pass the flags the run was started with')
-    G.load_state_dict(state['G'])
-    D.load_state_dict(state['D'])
-    G_ema.load_state_dict(state['G_ema'])
-    g_optim.load_state_dict(state['g_optim'])
-    d_optim.load_state_dict(state['d_optim'])
-    orth.load_state_dict(state['orth_update'])
-    set_rng_state(state['rng'])
-    return int(state['step'])
 
 
 def step_record(G, orth, losses: dict, stepped: bool) -> dict:
@@ -241,78 +246,141 @@ def step_record(G, orth, losses: dict, stepped: bool) -> dict:
     return record
 
 
-def train(args, device, argv: list[str] | None = None) -> Path:
+def open_run_folder(args, ctx: DistContext, run_dir: Path, dataset, argv):
+    """On rank 0, set up FID and the run folder; return the FID monitor (None elsewhere).
+
+    Every rank learns of an error on rank 0 and raises UserError too, so none of them waits
+    in a later collective for a rank that has stopped.
+    """
+    fid, error = None, None
+    if ctx.is_main:
+        try:
+            # Built before the run folder, so that missing Inception weights leave nothing.
+            fid = FIDMonitor(args, dataset, ctx.device) if args.fid else None
+            prepare_run_dir(run_dir, resume=args.ckpt is not None, args=args, argv=argv,
+                            family='eigengan', dataset=args.data.resolve().name,
+                            method=METHOD_NAMES[args.reg_type], resume_flag='--ckpt')
+        except UserError as err:
+            error = err
+    if any_rank(error is not None, ctx):
+        raise error or UserError(f'rank 0 could not set up the run folder {run_dir}; see its '
+                                 f'error message')
+    return fid
+
+
+@dataclass
+class RunOutputs:
+    """Outputs of rank 0: the run folder, its logger, the FID monitor and the grids' codes."""
+    run_dir: Path
+    logger: RunLogger
+    fid: FIDMonitor | None
+    sample_z: tuple
+
+
+def train(args, ctx: DistContext, argv: list[str] | None = None) -> Path:
     """Run the training loop; return the run folder. ``argv`` is recorded in config.json."""
     run_dir = run_folder(args)
-    method = METHOD_NAMES[args.reg_type]
+    per_batch = per_rank_batch(args.batch, ctx.world_size, '--batch')
     dataset = ImageFolderDataset(args.data, size=args.size, flip=True)
-    # Built before the run folder, so that missing Inception weights leave nothing behind.
-    fid = FIDMonitor(args, dataset, device) if args.fid else None
-    prepare_run_dir(run_dir, resume=args.ckpt is not None, args=args, argv=argv,
-                    family='eigengan', dataset=args.data.resolve().name, method=method,
-                    resume_flag='--ckpt')
+    fid = open_run_folder(args, ctx, run_dir, dataset, argv)
+
+    # The same initialisation on every rank, from --seed.
     seed_everything(args.seed)
-    G, D, G_ema = build_models(args, device)
-    g_optim, d_optim, orth = build_optimizers(args, G, D)
+    s = build_state(args, ctx.device)
     # The fixed codes of the sample grids come from their own generator, not the global RNG.
-    sample_z = sample_latents(G, args.n_sample, device, torch.Generator().manual_seed(args.seed))
-    start = resume(args, G, D, G_ema, g_optim, d_optim, orth) if args.ckpt else 0
-    batches = make_batches(args, dataset, start, device)
-    logger = RunLogger(run_dir, purge_step=start + 1, purge_key='step')
+    sample_z = sample_latents(s.G, args.n_sample, ctx.device,
+                              torch.Generator().manual_seed(args.seed))
+    # Noise and flips differ per rank. Rank 0 continues the stream of a single-process run.
+    if ctx.rank > 0:
+        seed_everything(rank_seed(args.seed, ctx.rank))
+    start = resume(args, ctx, s) if args.ckpt else 0
+    for module in (s.G, s.D, s.G_ema):
+        broadcast_module(module)
+
+    batches, per_epoch = make_batches(args, ctx, dataset, start, per_batch)
+    logger = RunLogger(run_dir, purge_step=start + 1, enabled=ctx.is_main, purge_key='step')
+    out = RunOutputs(run_dir, logger, fid, sample_z)
+    try:
+        with PreemptionHandler() as preemption:
+            train_loop(args, ctx, s, batches, start, per_epoch, out, preemption)
+    finally:
+        # Closing the iterator shuts the loader workers down at once, also after an error.
+        batches.close()
+        logger.close()
+    return run_dir
+
+
+def train_loop(args, ctx: DistContext, s: GANState, batches, start: int, per_epoch: int,
+               out: RunOutputs, preemption: PreemptionHandler) -> int:
+    """Train from step ``start`` to ``--steps`` or to a stop signal; return the steps done."""
     last_step = start + 1 if args.dry_run else args.steps
-    progress = tqdm(range(start, last_step), initial=start, total=last_step, dynamic_ncols=True)
-    tick, last_logged = time.perf_counter(), start
+    progress = tqdm(range(start, last_step), initial=start, total=last_step, dynamic_ncols=True,
+                    disable=not ctx.is_main)
+    tick, last_logged, done = time.perf_counter(), start, start
 
     for step in progress:
         done = step + 1  # completed iterations; the unit of logs, grids and checkpoints
 
         # fetch batch, then the discriminator step
         real_img = next(batches)
-        loss_D, real_score, gen_score = d_step(args, G, D, d_optim, real_img)
+        loss_D, real_score, gen_score = d_step(args, s, real_img)
         losses = {'loss_D': loss_D, 'D_real': real_score, 'D_gen': gen_score}
 
         # R1 penalty, lazily every d_reg_every steps
         if step % args.d_reg_every == 0 and args.d_reg > 0:
-            losses['r1'] = r1_step(args, D, d_optim, real_img)
+            losses['r1'] = r1_step(args, s, real_img)
 
         # generator step; nearest-orthogonal gradient and optimal learning rate inside
-        loss_G, loss_ol, stepped = g_step(args, G, D, g_optim, orth, args.batch, device)
+        loss_G, loss_ol, stepped = g_step(args, s, real_img.shape[0], ctx.device)
         losses.update(loss_G=loss_G, loss_ol=loss_ol)
 
         # EMA of the generator
-        G_ema.update_parameters(G)
+        s.G_ema.update_parameters(s.G)
 
-        # log
+        # log the losses averaged over the ranks (one all-reduce); rank 0 writes
         if done % args.log_every == 0 or done == last_step:
-            record = step_record(G, orth, losses, stepped)
+            record = step_record(s.G, s.orth, all_reduce_mean(losses, ctx), stepped)
             now = time.perf_counter()
             record['sec_per_step'] = (now - tick) / (done - last_logged)
             tick, last_logged = now, done
-            logger.scalars(done, record)
-            logger.stats({'step': done, **record})
+            out.logger.scalars(done, record)
+            out.logger.stats({'step': done, **record})
             progress.set_postfix(D=f"{record['loss_D']:.3f}", G=f"{record['loss_G']:.3f}",
                                  orth=f"{record['orth_error/U0']:.2e}")
 
         # sample grid from G_ema on fixed codes
-        if done % args.sample_every == 0 or done == last_step:
+        if ctx.is_main and (done % args.sample_every == 0 or done == last_step):
             with torch.no_grad():
-                grid = G_ema.module(*sample_z)
-            save_image_grid(grid, run_dir / 'samples' / f'{done:07d}.png',
+                grid = s.G_ema.module(*out.sample_z)
+            save_image_grid(grid, out.run_dir / 'samples' / f'{done:07d}.png',
                             nrow=int(args.n_sample ** 0.5))
 
-        # checkpoint (and FID of G_ema)
-        if done % args.ckpt_every == 0 or done == last_step:
-            save_run_checkpoint(run_dir, checkpoint_state(args, done, G, D, G_ema, g_optim,
-                                                          d_optim, orth))
-            if fid is not None:
-                fid.log(G_ema.module, done, logger)
+        # stop signal: every rank learns whether any rank received one (one all-reduce)
+        stop = preemption.stop_requested(ctx)
 
-    logger.close()
-    return run_dir
+        # checkpoint and FID of G_ema; after a stop signal only last.pt, without FID
+        scheduled = done % args.ckpt_every == 0 or done == last_step
+        if scheduled or stop:
+            position = resume_position(done, per_epoch, 1)
+            write_checkpoint(args, ctx, s, done, position, out.run_dir, numbered=scheduled)
+            if out.fid is not None and scheduled and not stop:
+                out.fid.log(s.G_ema.module, done, out.logger)
+        if stop:
+            if ctx.is_main:
+                name = preemption.signal_name or 'a stop signal on another rank'
+                progress.write(f'stopped by {name} after step {done}; resume with --ckpt '
+                               f'{out.run_dir / "checkpoints" / "last.pt"}')
+            break
+    return done
 
 
 class FIDMonitor:
-    """FID of ``G_ema`` against the training images, logged at every checkpoint."""
+    """FID of ``G_ema`` against the training images, logged at every checkpoint by rank 0.
+
+    NOTE: the other ranks wait in their next collective meanwhile. An estimate that takes
+    longer than the process group's timeout (10 minutes for NCCL, 30 for gloo, in torch
+    2.14) stops the job, so keep ``--fid_samples`` small enough under torchrun.
+    """
 
     def __init__(self, args, dataset, device):
         from eigengan.evaluate import real_statistics
@@ -335,13 +403,27 @@ class FIDMonitor:
         logger.stats({'step': step, 'fid': value})
 
 
+def launch_world_size() -> int:
+    """Return torchrun's WORLD_SIZE, or 1 for a plain run, without starting a process group."""
+    env = torchrun_environment()
+    return 1 if env is None else env['WORLD_SIZE']
+
+
 def main(argv: list[str] | None = None, size: int = 256,
          description: str = 'Train EigenGAN.') -> int:
-    """Parse flags, train, and print where the run folder is."""
+    """Parse flags, train (one process, or one of torchrun's), and print the run folder."""
     parser = build_parser(description, size)
     args = parser.parse_args(argv)
     check_args(parser, args)
-    device = select_device(args.device)
-    run_dir = train(args, device, argv)
-    print(f'run folder: {run_dir}')
+    # Checked before the process group starts, so that a bad --batch fails on every node
+    # at once instead of after the rendezvous.
+    per_rank_batch(args.batch, launch_world_size(), '--batch')
+    ctx = init_distributed(args.device)
+    try:
+        check_amp(args.amp, ctx.device)
+        run_dir = train(args, ctx, argv)
+    finally:
+        cleanup()
+    if ctx.is_main:
+        print(f'run folder: {run_dir}')
     return 0

@@ -13,6 +13,7 @@ from PIL import Image
 
 from eigengan import evaluate, model, trainer
 from eigengan import test as eigengan_test
+from eigengan.state import build_models, build_optimizers, build_state
 from models.orthogonality import optimal_learning_rate
 from models.runs import UserError, load_checkpoint, save_checkpoint
 from test_images import make_image_folder
@@ -140,10 +141,9 @@ def test_each_reg_type_trains(data_dir, tmp_path, reg_type):
 def test_nog_gives_orthonormal_gradients():
     torch.manual_seed(0)
     args = parse('--reg_type', 'nog', '--batch', '4')
-    G, D, G_ema = trainer.build_models(args, torch.device('cpu'))
-    g_optim, d_optim, orth = trainer.build_optimizers(args, G, D)
-    trainer.g_step(args, G, D, g_optim, orth, args.batch, torch.device('cpu'))
-    for i, U in enumerate(G.subspace_bases()):
+    s = build_state(args, torch.device('cpu'))
+    trainer.g_step(args, s, args.batch, torch.device('cpu'))
+    for i, U in enumerate(s.G.subspace_bases()):
         gram = U.grad @ U.grad.T
         err = (gram - torch.eye(3)).abs().max().item()
         assert err < 1e-4, f'U{i}: gradient rows differ from orthonormal by {err}'
@@ -152,8 +152,8 @@ def test_nog_gives_orthonormal_gradients():
 def test_olr_groups_and_learning_rates():
     torch.manual_seed(0)
     args = parse('--reg_type', 'olr', '--batch', '4', '--lr', '10')
-    G, D, _ = trainer.build_models(args, torch.device('cpu'))
-    g_optim, _, orth = trainer.build_optimizers(args, G, D)
+    G, D, _ = build_models(args, torch.device('cpu'))
+    g_optim, _, orth = build_optimizers(args, G, D)
     bases = G.subspace_bases()
     for U, group in zip(bases, g_optim.param_groups[1:]):
         assert len(group['params']) == 1, f"group of {len(group['params'])} parameters"
