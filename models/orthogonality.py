@@ -250,7 +250,9 @@ class OrthogonalUpdate:
         self.optimizer = optimizer
         self.pre_svd = list(pre_svd)
         self.nog, self.olr, self.nog_method = nog, olr, nog_method
-        self.groups = [self._find_group(i, p) for i, p in enumerate(self.pre_svd)]
+        # Checked here so that a wrong grouping fails before training starts.
+        for i, p in enumerate(self.pre_svd):
+            self._find_group(i, p)
         self.skipped = 0
         self.rank_deficient = 0
         self.applied = 0
@@ -289,7 +291,10 @@ class OrthogonalUpdate:
                     self.rank_deficient += 1
                 p.grad.copy_(Q.reshape(p.grad.shape))
         if self.olr:
-            for p, group in zip(self.pre_svd, self.groups):
+            # Optimizer.load_state_dict replaces the group dicts, so they are looked up by
+            # parameter identity on every call rather than kept from the constructor.
+            groups = [self._find_group(i, p) for i, p in enumerate(self.pre_svd)]
+            for p, group in zip(self.pre_svd, groups):
                 if p.grad is None:
                     eta, used = float(base_lr), False
                 else:

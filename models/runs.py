@@ -107,10 +107,10 @@ def set_rng_state(state: dict) -> None:
     the common devices are restored and a warning is issued.
     """
     py = state['python']
-    random.setstate((py['version'], tuple(int(w) for w in py['state'].tolist()),
+    random.setstate((py['version'], tuple(int(w) for w in py['state'].cpu().tolist()),
                      py['gauss_next']))
     npy = state['numpy']
-    np.random.set_state((npy['kind'], npy['state'].numpy().astype(np.uint32), npy['pos'],
+    np.random.set_state((npy['kind'], npy['state'].cpu().numpy().astype(np.uint32), npy['pos'],
                          npy['has_gauss'], npy['cached_gaussian']))
     torch.set_rng_state(state['torch'].cpu())
 

@@ -347,3 +347,19 @@ def test_update_olr_only_nan_falls_back():
     assert optimizer.param_groups[1]['lr'] == 0.05, f"lr {optimizer.param_groups[1]['lr']}"
     assert update.last == {'eta': [0.05], 'eta_used': [False]}
     assert update.skipped == 0, f"skipped = {update.skipped}"
+
+
+def test_update_olr_after_optimizer_reload():
+    # Optimizer.load_state_dict replaces the group dicts; OLR must set the live group's lr.
+    model, optimizer, update = make_update()
+    W = model.stem.weight.detach()
+    set_grads(model, W + 0.01 * torch.randn(W.shape, generator=torch.Generator().manual_seed(1)))
+    optimizer.load_state_dict(optimizer.state_dict())
+    base_lr = 0.5
+    optimizer.param_groups[0]['lr'] = base_lr
+
+    assert update.apply(base_lr) is True
+    expected = update.last['eta'][0]
+    assert update.last['eta_used'] == [True], f"eta* = {expected} not used"
+    live_lr = optimizer.param_groups[1]['lr']
+    assert live_lr == expected, f"live group lr {live_lr}, expected eta* {expected}"
