@@ -11,6 +11,9 @@ Usage (from simple_gan/ or from the repository root):
         --dataroot CELEBA_ROOT --name celeba_nog
     python simple_gan/train.py --dataset_mode lsun --model gan128 --reg_type orojar \\
         --dataroot church_outdoor_train_lmdb --name lsun_orojar
+    # 8 GPUs of one node; --batch_size stays the global batch (16 images per GPU)
+    torchrun --nproc_per_node 8 simple_gan/train.py --dataset_mode celeba --model gan128 \\
+        --reg_type nog --dataroot CELEBA_ROOT --name celeba_nog --amp bf16
     # CPU smoke run: two steps on a small image folder
     python simple_gan/train.py --dataset_mode celeba --model gan --dataroot FOLDER \\
         --device cpu --dry_run --width_mult 0.0625 --batch_size 4
@@ -18,7 +21,9 @@ Usage (from simple_gan/ or from the repository root):
 The run folder is --checkpoints_dir/--name. It contains config.json, stats.jsonl, tb/
 (TensorBoard), images/ (sample grids from a fixed set of codes), latest.pt (every
 --save_latest_freq steps, at each epoch end and on SIGTERM or SIGINT) and epoch_NNNN.pt
-(every --save_epoch_freq epochs). --continue_train resumes from latest.pt.
+(every --save_epoch_freq epochs). --continue_train resumes from latest.pt, at the step and
+data position where it was written. Under torchrun only rank 0 writes to the run folder, and
+all nodes must see the same --checkpoints_dir.
 """
 from __future__ import annotations
 
@@ -34,16 +39,23 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from models.amp import add_amp_argument, check_amp  # noqa: E402
+from models.distributed import (DistContext, all_reduce_mean, barrier,  # noqa: E402
+                                cleanup, per_rank_batch, rank_seed, torchrun_environment)
 from models.gan import save_image_grid  # noqa: E402
+from models.preemption import PreemptionHandler  # noqa: E402
 from models.runs import (RunLogger, load_checkpoint, prepare_run_dir,  # noqa: E402
-                         run_main, seed_everything, select_device)
+                         run_main, seed_everything)
 from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
+from simple_gan.devices import resolve_context  # noqa: E402
 from simple_gan.losses import GAN_MODES  # noqa: E402
 from simple_gan.networks import IMAGE_SIZES  # noqa: E402
 from simple_gan.trainer import (LR_POLICIES, REG_TYPES, GANTraining,  # noqa: E402
                                 build_training, method_of, random_flip, train_step)
 
 N_FIXED_SAMPLES = 64
+# Losses that differ between ranks; the status line shows their mean over the ranks.
+RANK_LOSSES = ('loss_D', 'loss_D_gp', 'loss_G', 'loss_G_reg')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help='Rademacher samples per code for OroJaR and the Hessian Penalty')
 
     optim = parser.add_argument_group('optimisation')
-    optim.add_argument('--batch_size', type=int, default=128, help='images per step')
+    optim.add_argument('--batch_size', type=int, default=128,
+                       help='images per step over all processes (under torchrun each of N '
+                            'processes takes batch_size / N)')
     optim.add_argument('--lr', type=float, default=2e-4, help='Adam learning rate of G and D')
     optim.add_argument('--beta1', type=float, default=0.5, help='Adam beta1 (beta2 is 0.999)')
     optim.add_argument('--gan_mode', choices=GAN_MODES, default='vanilla',
@@ -116,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help='epochs between saves of epoch_NNNN.pt')
 
     system = parser.add_argument_group('system')
-    system.add_argument('--gpu_ids', default='0',
-                        help="GPU ids, comma separated; '-1' for the CPU. One process uses "
-                             "the first id")
+    system.add_argument('--gpu_ids', default=None,
+                        help="GPU ids, comma separated, or '-1' for the CPU. Without the "
+                             "flag: GPU 0 when CUDA is available, else the CPU. A GPU id "
+                             "without CUDA is an error. One process uses the first id; "
+                             "under torchrun only -1, 0 or 0,...,N-1 are accepted")
     system.add_argument('--device', default='auto',
-                        help='auto, cpu, cuda or cuda:N; overrides --gpu_ids when not auto')
+                        help='auto, cpu, cuda or cuda:N; overrides --gpu_ids when not auto. '
+                             'Under torchrun: auto, cuda (cuda:LOCAL_RANK) or cpu (gloo)')
+    add_amp_argument(system)
+    system.add_argument('--channels_last', action='store_true',
+                        help='keep images and 4-D weights in channels-last memory format, '
+                             'a GPU speed option whose results match the default format up '
+                             'to rounding')
     system.add_argument('--seed', type=int, default=0, help='random seed')
     system.add_argument('--dry_run', action='store_true',
                         help='run two steps, save a sample grid and latest.pt, and exit')
@@ -146,53 +168,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--max_dataset_size must be at least 1, got {args.max_dataset_size}")
 
 
-def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
-    """--device wins when set; else --gpu_ids picks cuda:ID (if CUDA exists) or '-1' the CPU."""
-    try:
-        ids = [int(i) for i in args.gpu_ids.split(',') if i.strip() != '']
-    except ValueError:
-        parser.error(f"--gpu_ids must be comma-separated integers such as 0 or 0,1 (or -1 for "
-                     f"the CPU), got {args.gpu_ids!r}")
-    if args.device != 'auto':
-        device = select_device(args.device)
-        if ids and ids[0] < 0 and device.type == 'cuda':
-            parser.error(f"--gpu_ids -1 (CPU) conflicts with --device {args.device}")
-        return device
-    if not ids or ids[0] < 0 or not torch.cuda.is_available():
-        return torch.device('cpu')
-    if len(ids) > 1:
-        print(f"note: one process uses one GPU; training on cuda:{ids[0]} only")
-    return select_device(f'cuda:{ids[0]}')
-
-
-class StopRequest:
-    """Turns SIGTERM and SIGINT into a flag that the loop checks after every step.
-
-    The step in progress finishes, latest.pt is saved and the trainer exits with status 0,
-    which is what a SLURM preemption or `timeout` needs to resume later. A second signal
-    stops at once, without saving (KeyboardInterrupt, exit status 130).
-    """
-
-    def __init__(self):
-        self.requested = None
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        # No printing here: a signal that lands inside a print would make it re-entrant.
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """Let data-loader workers ignore SIGTERM and SIGINT.
 
@@ -213,6 +188,7 @@ def epoch_batches(t: GANTraining, loader: DataLoader, batch_size: int):
 
 def end_epoch(t: GANTraining, run_dir: Path, args: argparse.Namespace) -> None:
     # Learning-rate schedules are per epoch; checkpoints every --save_epoch_freq epochs.
+    # Every rank calls t.save (it gathers the random generators); rank 0 writes.
     t.sched_G.step()
     t.sched_D.step()
     finished = t.epoch
@@ -223,25 +199,52 @@ def end_epoch(t: GANTraining, run_dir: Path, args: argparse.Namespace) -> None:
 
 
 def save_samples(t: GANTraining, z_fixed: torch.Tensor, run_dir: Path) -> None:
+    # float32 and no autocast, so the grids look the same whatever --amp is.
     with torch.no_grad():
         images = t.G(z_fixed)
     save_image_grid(images, run_dir / 'images' / f'step_{t.step:07d}.png', nrow=8)
 
 
+def log_status(t: GANTraining, record: dict, seconds: float, logger: RunLogger) -> None:
+    """Print one status line and write the record to TensorBoard and stats.jsonl (rank 0).
+
+    Every rank must call it: the losses are averaged over the ranks first.
+    """
+    if t.ctx.is_distributed:
+        record.update(all_reduce_mean({key: record[key] for key in RANK_LOSSES}, t.ctx))
+    if not t.ctx.is_main:
+        return
+    record.update(step=t.step, epoch=t.epoch, time_per_step=seconds)
+    print(f"epoch {t.epoch} step {t.step} loss_D {record['loss_D']:.4f} "
+          f"loss_G {record['loss_G']:.4f} reg {record['loss_G_reg']:.3e} "
+          f"lr {record['lr']:.2e} lr_first {record['lr_first']:.2e} "
+          f"orth_error {record['orth_error']:.3f} time {seconds:.3f} s/step", flush=True)
+    logger.scalars(t.step, {k: v for k, v in record.items() if isinstance(v, float)})
+    logger.stats(record)
+
+
 def train(t: GANTraining, loader: DataLoader, run_dir: Path, logger: RunLogger,
-          args: argparse.Namespace, device: torch.device, stop: StopRequest) -> str:
-    """Run the training loop; return why it stopped ('finished', 'max_steps' or a signal)."""
+          args: argparse.Namespace, preemption: PreemptionHandler) -> str:
+    """Run the training loop; return why it stopped ('finished', 'max_steps' or a signal).
+
+    Under torchrun every rank runs it in step: the gradient averaging, the status line, the
+    checkpoints and the stop check are collectives.
+    """
     last_epoch = t.first_epoch + args.n_epochs + args.n_epochs_decay - 1
     max_steps = 2 if args.dry_run else args.max_steps
     z_fixed = torch.randn(N_FIXED_SAMPLES, args.nz,
-                          generator=torch.Generator().manual_seed(args.seed)).to(device)
+                          generator=torch.Generator().manual_seed(args.seed)).to(t.device)
+    per_batch = loader.batch_size
     tick, tick_step = time.time(), t.step
     while t.epoch <= last_epoch:
-        for real_img in epoch_batches(t, loader, args.batch_size):
-            # Fetch the batch; flips use the global RNG that checkpoints save.
-            real_img = random_flip(real_img).to(device, non_blocking=True)
+        for real_img in epoch_batches(t, loader, per_batch):
+            # Fetch this rank's share of the batch. Flips use the global RNG, which checkpoints
+            # save (per rank under torchrun).
+            real_img = random_flip(real_img).to(t.device, non_blocking=True)
             if args.nc_out == 1:
                 real_img = real_img.mean(dim=1, keepdim=True)
+            if args.channels_last:
+                real_img = real_img.contiguous(memory_format=torch.channels_last)
 
             # Discriminator step, then generator step (with NOG/OLR or a regulariser).
             record = train_step(t, real_img, args)
@@ -252,26 +255,22 @@ def train(t: GANTraining, loader: DataLoader, run_dir: Path, logger: RunLogger,
             if t.step % args.print_freq == 0 or t.step == max_steps:
                 seconds = (time.time() - tick) / (t.step - tick_step)
                 tick, tick_step = time.time(), t.step
-                record.update(step=t.step, epoch=t.epoch, time_per_step=seconds)
-                print(f"epoch {t.epoch} step {t.step} loss_D {record['loss_D']:.4f} "
-                      f"loss_G {record['loss_G']:.4f} reg {record['loss_G_reg']:.3e} "
-                      f"lr {record['lr']:.2e} lr_first {record['lr_first']:.2e} "
-                      f"orth_error {record['orth_error']:.3f} time {seconds:.3f} s/step",
-                      flush=True)
-                logger.scalars(t.step, {k: v for k, v in record.items()
-                                        if isinstance(v, float)})
-                logger.stats(record)
+                log_status(t, record, seconds, logger)
 
-            # Sample grid and latest checkpoint.
-            if t.step % args.display_freq == 0 or t.step == max_steps:
+            # Sample grid (rank 0) and latest checkpoint.
+            if t.ctx.is_main and (t.step % args.display_freq == 0 or t.step == max_steps):
                 save_samples(t, z_fixed, run_dir)
             if t.step % args.save_latest_freq == 0:
                 t.save(run_dir / 'latest.pt')
 
-            # Stop early on --max_steps, --dry_run or a signal.
-            if stop.requested or t.step == max_steps:
+            # Stop early on --max_steps, --dry_run or a signal. Every rank checks every step,
+            # so all of them stop after the same step even when one rank got the signal.
+            stop = preemption.stop_requested(t.ctx)
+            if stop or t.step == max_steps:
                 t.save(run_dir / 'latest.pt')
-                return stop.requested or 'max_steps'
+                if stop:
+                    return preemption.signal_name or 'a signal to another rank'
+                return 'max_steps'
         end_epoch(t, run_dir, args)
     return 'finished'
 
@@ -280,7 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    device = resolve_device(parser, args)
+    # Check the batch split before the rendezvous, which would wait for the other processes.
+    env = torchrun_environment()
+    per_rank_batch(args.batch_size, env['WORLD_SIZE'] if env else 1, '--batch_size')
+    ctx = resolve_context(parser, args)
+    try:
+        return run(args, argv, ctx)
+    finally:
+        cleanup()
+
+
+def run(args: argparse.Namespace, argv: list[str] | None, ctx: DistContext) -> int:
+    """Set up the data, the run folder and the training state, then train until a stop."""
+    check_amp(args.amp, ctx.device)
+    per_batch = per_rank_batch(args.batch_size, ctx.world_size, '--batch_size')
     method = method_of(args.reg_type)
     name = args.name or f'{args.dataset_mode}_{args.model}_{method}_seed{args.seed}'
     run_dir = Path(args.checkpoints_dir).expanduser() / name
@@ -289,30 +301,38 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     dataset = make_dataset(args.dataset_mode, args.dataroot, IMAGE_SIZES[args.model],
                            args.max_dataset_size)
-    run_dir = prepare_run_dir(run_dir, args.continue_train, args, argv, family='simple_gan',
-                              dataset=args.dataset_mode, method=method,
-                              resume_flag='--continue_train')
+    if ctx.is_main:
+        run_dir = prepare_run_dir(run_dir, args.continue_train, args, argv, family='simple_gan',
+                                  dataset=args.dataset_mode, method=method,
+                                  resume_flag='--continue_train')
+    barrier(ctx)
     checkpoint = None
     if args.continue_train:
         if (run_dir / 'latest.pt').is_file():
-            checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location=device)
-            print(f"resuming {run_dir} at step {checkpoint['step']}, epoch {checkpoint['epoch']}")
-        else:
+            # Loaded to the CPU: load_state_dict copies the weights and optimizer states to the
+            # device, and the saved random states must stay CPU tensors for set_rng_state.
+            checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location='cpu')
+            if ctx.is_main:
+                print(f"resuming {run_dir} at step {checkpoint['step']}, "
+                      f"epoch {checkpoint['epoch']}")
+        elif ctx.is_main:
             print(f"{run_dir} has no latest.pt yet; starting from step 0")
-    t = build_training(args, len(dataset), device, checkpoint)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=t.sampler,
-                        num_workers=args.num_threads, pin_memory=device.type == 'cuda',
-                        drop_last=False, generator=torch.Generator().manual_seed(args.seed),
+    t = build_training(args, len(dataset), ctx.device, checkpoint, ctx)
+    loader = DataLoader(dataset, batch_size=per_batch, sampler=t.sampler,
+                        num_workers=args.num_threads, pin_memory=ctx.device.type == 'cuda',
+                        drop_last=False,
+                        generator=torch.Generator().manual_seed(rank_seed(args.seed, ctx.rank)),
                         worker_init_fn=ignore_stop_signals)
 
     purge_step = t.step + 1 if checkpoint is not None else None
-    with RunLogger(run_dir, purge_step=purge_step, purge_key='step') as logger, \
-            StopRequest() as stop:
-        reason = train(t, loader, run_dir, logger, args, device, stop)
+    with RunLogger(run_dir, purge_step=purge_step, enabled=ctx.is_main,
+                   purge_key='step') as logger, PreemptionHandler() as preemption:
+        reason = train(t, loader, run_dir, logger, args, preemption)
     if reason == 'finished':
         t.save(run_dir / 'latest.pt')
-    print(f"stopped ({reason}) at step {t.step}, epoch {t.epoch}; "
-          f"checkpoint {run_dir / 'latest.pt'}")
+    if ctx.is_main:
+        print(f"stopped ({reason}) at step {t.step}, epoch {t.epoch}; "
+              f"checkpoint {run_dir / 'latest.pt'}")
     return 0
 
 

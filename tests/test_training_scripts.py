@@ -20,7 +20,8 @@ TINY_TRAIN = ['--model', 'gan', '--width_mult', '0.015625', '--nz', '4', '--batc
 
 def run_script(name: str, *args: str, env: dict, timeout: int = 300):
     result = subprocess.run(['bash', str(REPO / 'training_scripts' / name), *args],
-                            env={**os.environ, **env}, capture_output=True, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', **env},
+                            capture_output=True, text=True,
                             timeout=timeout)
     return result, result.stdout + result.stderr
 
@@ -69,6 +70,29 @@ def test_train_arguments_and_resume(stub, tmp_path):
     call = log.read_text().splitlines()[-1]
     assert '--dataset_mode lsun' in call, call
     assert '--continue_train' in call, call
+
+
+def test_nproc_per_node_launches_torchrun(stub):
+    env, log = stub
+    result, output = run_script('train_celeba.sh', 'nog', '/data/celeba',
+                                env={**env, 'NPROC_PER_NODE': '4'})
+    assert result.returncode == 0, output
+    call = log.read_text().splitlines()[-1]
+    expected = '-m torch.distributed.run --standalone --nproc_per_node 4 simple_gan/train.py'
+    assert call.startswith(expected), call
+    result, output = run_script('train_celeba.sh', 'nog', '/data/celeba',
+                                env={**env, 'NPROC_PER_NODE': 'two'})
+    assert result.returncode == 2, output
+    assert "NPROC_PER_NODE must be a positive integer, got 'two'" in output, output
+
+
+def test_train_scripts_forward_sigterm():
+    # SLURM signals the batch shell (B:), which must have become the trainer through exec.
+    common = (REPO / 'training_scripts' / 'common.sh').read_text()
+    assert 'exec "${launcher[@]}" simple_gan/train.py' in common
+    for name in ('train_celeba.sh', 'train_lsun.sh'):
+        header = (REPO / 'training_scripts' / name).read_text()
+        assert '#SBATCH --signal=B:TERM@' in header, f"{name} has no --signal=B:TERM line"
 
 
 def test_bad_method_and_missing_data(stub):

@@ -11,6 +11,10 @@
 #   REAL_DIR         real images for FID (default: CHECKPOINTS_DIR/DATASET_real_IMAGE_SIZE)
 #   VISUALIZE_OPTIONS  extra options of simple_gan/visualize.py, split at spaces
 #                    (for example "--samples 4 --steps 5")
+#   NPROC_PER_NODE   training processes (GPUs) on this node; above 1 the trainer runs under
+#                    torchrun --standalone (default: 1, a plain process)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits, after passing SIGTERM on, for its
+#                    processes to save and exit before it kills them (default here: 120)
 
 PYTHON="${PYTHON:-python}"
 CHECKPOINTS_DIR="${CHECKPOINTS_DIR:-$REPO_ROOT/checkpoints}"
@@ -38,7 +42,8 @@ check_method() {
 # run_training DATASET_MODE DATAROOT METHOD [train.py options...]
 # Starts the run CHECKPOINTS_DIR/DATASET_METHOD, or resumes it when its folder exists (a
 # requeued SLURM job or a second call). exec hands SIGTERM straight to the trainer, which
-# saves latest.pt and exits 0.
+# saves latest.pt and exits 0. With NPROC_PER_NODE above 1, exec hands it to torchrun, which
+# passes it on to every process. They all stop after the same step, and rank 0 saves.
 run_training() {
   local dataset_mode="$1" dataroot="$2" method="$3"
   shift 3
@@ -48,9 +53,16 @@ run_training() {
     resume=(--continue_train)
     echo "resuming $CHECKPOINTS_DIR/$name"
   fi
+  local nproc="${NPROC_PER_NODE:-1}"
+  [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
+  local launcher=("$PYTHON")
+  if (( nproc > 1 )); then
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
+    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
+  fi
   cd "$REPO_ROOT"
-  exec "$PYTHON" simple_gan/train.py --dataset_mode "$dataset_mode" --model "$MODEL_TYPE" --nz 30 \
-    --reg_type "$method" --dataroot "$dataroot" --name "$name" \
+  exec "${launcher[@]}" simple_gan/train.py --dataset_mode "$dataset_mode" \
+    --model "$MODEL_TYPE" --nz 30 --reg_type "$method" --dataroot "$dataroot" --name "$name" \
     --checkpoints_dir "$CHECKPOINTS_DIR" "${resume[@]}" "$@"
 }
 

@@ -15,7 +15,15 @@
 # The run folder is CHECKPOINTS_DIR/celeba_METHOD (default CHECKPOINTS_DIR: checkpoints/ in the
 # repository). When it exists the run resumes with --continue_train, so resubmitting the same
 # command after a preemption continues it. OroJaR uses --reg_lambda 1e-6, as published for
-# CelebA. Other environment variables: PYTHON, CHECKPOINTS_DIR, MODEL_TYPE.
+# CelebA. Other environment variables: PYTHON, CHECKPOINTS_DIR, MODEL_TYPE,
+# NPROC_PER_NODE and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (described in common.sh).
+#
+# Preemption: --signal=B:TERM@300 makes SLURM send SIGTERM to this script 300 s before the time
+# limit. The script execs the trainer (or torchrun), so the trainer receives the signal. It
+# finishes its step, writes latest.pt with the step and data position, and exits 0 (torchrun
+# then exits with status 1, as it does after any signal).
+# Several GPUs of one node: sbatch --gres=gpu:N with NPROC_PER_NODE=N runs the trainer under
+# torchrun. --batch_size stays the global batch, which N must divide.
 set -euo pipefail
 
 # Under sbatch this file runs from a spool copy, so the repository is also looked for in the
