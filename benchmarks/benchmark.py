@@ -143,11 +143,11 @@ def bench_nog(args: argparse.Namespace, device: torch.device) -> list[Row]:
 
 
 def bench_train_step(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    """One training step of main_cifar100.py per method against a batch-norm stem.
+    """Time one training step of main_cifar100.py per method against a batch-norm stem.
 
     A step is forward, cross-entropy, backward, NOG and OLR on the stem weight, and the SGD
     step, with the trainer's own parameter groups. The full size is the published run
-    (ResNet-50, batch 128, CIFAR-100), which takes seconds per step on a CPU.
+    (ResNet-50, batch 128, CIFAR-100); --quick uses ResNet-18 at batch 8.
     """
     from main_cifar100 import build_optimizer, build_orthogonal_update, build_parser
     from models.resnet import cifar_resnet
