@@ -17,62 +17,11 @@
 # Evaluation writes traversals and 10,000 VP pairs to $LOGDIR/NAME/eval and merges FID and PPL
 # into $LOGDIR/NAME/metrics.json. A metric whose pretrained weights are absent is skipped
 # with one line saying where to put them.
+# EVAL_ARGS: extra flags for eigengan/test.py, e.g. "--n_pairs 1000 --device cuda:1".
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    sed -n '2,19p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
 fi
-data_root="$1"
-name="$2"
-shift 2
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-logdir="${LOGDIR:-$repo/runs}"
-python="${PYTHON:-python}"
-last="$logdir/$name/checkpoints/last.pt"
-
-launcher=("$python")
-if [[ -n "${TORCHRUN_ARGS:-}" ]]; then
-    read -ra torchrun_args <<< "$TORCHRUN_ARGS"
-    launcher=("$python" -m torch.distributed.run "${torchrun_args[@]}")
-elif [[ "${NPROC_PER_NODE:-1}" -gt 1 ]]; then
-    launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE")
-fi
-resume=()
-if [[ -f "$last" ]]; then
-    echo "resuming from $last"
-    resume=(--ckpt "$last")
-fi
-
-# The trainer runs in the background, so that this shell can pass a stop signal on at once
-# and then wait for the checkpoint (a foreground job would delay the trap until it ends).
-"${launcher[@]}" "$repo/eigengan/train_animeface.py" "$data_root" --size 128 --batch 64 \
-    --reg_type nog --name "$name" --logdir "$logdir" "${resume[@]}" "$@" &
-trainer=$!
-stop_signal=0
-trap 'stop_signal=1; kill -TERM "$trainer" 2>/dev/null || true' TERM INT
-while kill -0 "$trainer" 2>/dev/null; do
-    wait "$trainer" || true
-done
-trap - TERM INT
-status=0
-wait "$trainer" || status=$?
-# After a stop signal the trainer exits with status 0, but torchrun itself exits with 1.
-if [[ $status -ne 0 && $stop_signal -eq 0 ]]; then
-    exit "$status"
-fi
-
-# Evaluate only when last.pt has reached --steps.
-if [[ ! -f "$last" ]] || ! "$python" -c 'import sys, torch
-state = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=True)
-sys.exit(0 if state.get("finished") else 1)' "$last"; then
-    echo "training stopped before --steps; run the same command again to resume"
-    exit 0
-fi
-if [[ "${NODE_RANK:-${SLURM_NODEID:-0}}" != 0 ]]; then
-    exit 0
-fi
-
-"$python" "$repo/eigengan/test.py" "$last" \
-    --traverse --evaluate_VP --out "$logdir/$name/eval" \
-    --evaluate_FID --evaluate_PPL --skip_missing_weights
+exec "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/eigengan/train_and_evaluate.sh" animeface "$@"
