@@ -178,21 +178,38 @@ class _PadeInverseSqrt(torch.autograd.Function):
         return _sym(solve_lyapunov_newton_schulz(R, grad_R))
 
 
-class _SecondMoment(torch.autograd.Function):
-    """sum_b X_b X_b^T over the batch axis of X (N, G, n, m), as one batched float32 matmul.
+def _grouped_affine(A: Tensor, X: Tensor, b: Tensor) -> Tensor:
+    """Return A X + b per sample: A (G, n, n), X (N, G, n, m), b (G, n, 1) -> (N, G, n, m).
 
-    The backward, dX_b = (dM + dM^T) X_b, takes one matmul where autograd of X X^T takes two.
+    For n <= m, torch.baddbmm on A and b repeated per sample adds b inside the product, which
+    saves a pass over the output, and the copies of A are at most as large as X. For n > m the
+    copies would outweigh that, and a broadcast matmul was faster on a CPU (torch 2.14).
+    """
+    N, G, n, m = X.shape
+    if n > m:
+        return torch.matmul(A, X) + b
+    A_rep = A.expand(N, G, n, n).reshape(N * G, n, n)
+    b_rep = b.expand(N, G, n, 1).reshape(N * G, n, 1)
+    return torch.baddbmm(b_rep, A_rep, X.reshape(N * G, n, m)).reshape(X.shape)
+
+
+class _RawMoments(torch.autograd.Function):
+    """sum_b X_b X_b^T and sum_b X_b 1 over the batch axis and positions of X (N, G, n, m).
+
+    The backward, dX_b = (dM + dM^T) X_b + ds 1^T, takes one product (with the addition fused
+    when n <= m), where autograd of X X^T and of the sum takes two products and two additions.
     """
 
     @staticmethod
     def forward(ctx, X):
         ctx.save_for_backward(X)
-        return torch.matmul(X, X.transpose(-1, -2)).sum(0)
+        sum_xx = torch.matmul(X, X.transpose(-1, -2)).sum(0)                 # (G, n, n)
+        return sum_xx, X.sum(dim=(0, 3)).unsqueeze(-1)                       # (G, n, 1)
 
     @staticmethod
-    def backward(ctx, grad_M):
+    def backward(ctx, grad_M, grad_s):
         X, = ctx.saved_tensors
-        return torch.matmul(grad_M + grad_M.mT, X)
+        return _grouped_affine(grad_M + grad_M.mT, X, grad_s)
 
 
 def _inverse_sqrt_and_eigvals(Sigma: Tensor, backend: str) -> tuple[Tensor, Tensor | None]:
@@ -361,15 +378,14 @@ class ZCANormBatch(nn.Module):
                 gamma = self.weight.reshape(G, n, 1).to(torch.float64)
                 whitening = gamma * whitening
                 bias = gamma * bias + self.bias.reshape(G, n, 1)
-            y = torch.matmul(whitening.to(dtype), xg) + bias.to(dtype)          # (N, G, n, HW)
+            y = _grouped_affine(whitening.to(dtype), xg, bias.to(dtype))        # (N, G, n, HW)
         return y.reshape(x.shape).to(x.dtype)
 
     def _batch_whitening(self, xg: Tensor) -> tuple[Tensor, Tensor]:
         """Return the batch whitening matrix S (G, n, n) and mean d (G, n, 1) of xg, float64."""
         N, G, n, HW = xg.shape
         count = N * HW
-        sum_x = xg.sum(dim=(0, 3)).unsqueeze(-1)                             # (G, n, 1)
-        sum_xx = _SecondMoment.apply(xg)                                      # (G, n, n)
+        sum_xx, sum_x = _RawMoments.apply(xg)                                # (G, n, n), (G, n, 1)
         count, sum_x, sum_xx = self._reduce_moments(count, sum_x, sum_xx)
         d = sum_x.double() / count
         cov = sum_xx.double() / count - d @ d.mT
