@@ -39,7 +39,9 @@ def open_lmdb(path: Path, write: bool = False, map_size: int = 1 << 30):
             raise UserError(f"LMDB database {path} not found: pass the folder that contains "
                             f"data.mdb (for LSUN, for example church_outdoor_train_lmdb)")
         if subdir and not (path / 'data.mdb').is_file():
-            raise UserError(f"{path} is not an LMDB database: data.mdb not found in it")
+            raise UserError(f"{path} is not an LMDB database: data.mdb not found in it; "
+                            f"build one from an image folder with "
+                            f"'python simple_gan/lmdb_tool.py create FOLDER OUT_LMDB'")
     try:
         if write:
             return lmdb.open(str(path), subdir=subdir, map_size=map_size, readahead=False,

@@ -375,7 +375,11 @@ def prepare_run_dir(run_dir: str | Path, resume: bool, args: argparse.Namespace,
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty; pass "
                         f"{resume_flag} to continue that run, or choose another folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create run folder {run_dir}: {error.strerror}; choose "
+                        f"another folder") from None
     config = {'family': family, 'dataset': dataset, 'method': method,
               'seed': options.get('seed'), 'options': options, **record,
               'started': _now()}

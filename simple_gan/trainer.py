@@ -258,7 +258,7 @@ def load_generator(path, device: torch.device | str = 'cpu', model: str | None =
     for name, given in (('model', model), ('nz', nz), ('nc_out', nc_out)):
         if given is not None and given != config[name]:
             raise UserError(f"{path} was trained with {name}={config[name]}, but {given} was "
-                            f"given; drop the flag or pass {config[name]}")
+                            f"requested; pass {config[name]} instead")
     G, _ = build_networks(config['model'], config['nz'], config['nc_out'], config['width_mult'])
     G.load_state_dict(weights)
     return G.to(device).eval()

@@ -365,3 +365,13 @@ def test_run_logger_disabled_writes_nothing(tmp_path):
     logger.stats({'epoch': 0})
     logger.close()
     assert not (tmp_path / 'run').exists()
+
+
+def test_run_dir_under_a_file_is_user_error(tmp_path):
+    blocker = tmp_path / 'afile'
+    blocker.write_text('not a folder')
+    args = argparse.Namespace(seed=0)
+    with pytest.raises(UserError, match='cannot create run folder'):
+        runs.prepare_run_dir(blocker / 'run', resume=False, args=args, argv=[], family='cifar',
+                        dataset='digits', method='baseline')
+    assert blocker.read_text() == 'not a folder'
