@@ -10,6 +10,10 @@ convolution (--ow).
 The paper's run (ResNet-50, 350 epochs, on a GPU):
     python main_cifar100.py --norm='zcanormbatch' --batch_size=128 --nog --olr --ow
 
+The same on 4 GPUs (--batch_size stays the global batch, 32 images per GPU):
+    torchrun --nproc_per_node 4 main_cifar100.py --norm zcanormbatch --batch_size 128 \
+        --nog --olr --ow --sync_cov
+
 A CPU run on scikit-learn's 8x8 digits (no download, a few minutes):
     python main_cifar100.py --dataset digits --arch resnet18 --norm zcanormbatch \
         --nog --olr --ow --epochs 3 --lr 0.02 --batch_size 64
@@ -19,31 +23,31 @@ A smoke test that trains one batch, tests one batch and creates no run folder:
 
 Every run writes to --run_dir (default runs/{dataset}_{arch}_{norm}_{method}_seed{seed} in
 the repository): config.json, stats.jsonl (one line per epoch), tb/ (TensorBoard), last.pt
-(every epoch) and best.pt (best test accuracy). Repeat the command with --resume to continue.
+(every epoch, and on SIGTERM or SIGINT in the middle of an epoch) and best.pt (best test
+accuracy). Repeat the command with --resume to continue, from the next batch after a signal.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from tqdm import tqdm
 
+from models.amp import add_amp_argument, check_amp, make_grad_scaler
+from models.cifar_training import TrainingRun, dry_run, restore_rank_state, train
 from models.data import DATASETS, MEAN_STD, NUM_CLASSES, load_datasets
+from models.distributed import (DistContext, barrier, cleanup, convert_sync_batchnorm,
+                                init_distributed, per_rank_batch, rank_seed, sync_covariance,
+                                torchrun_environment, wrap_model)
 from models.orthogonality import NOG_METHODS, OrthogonalUpdate, split_param_groups
+from models.preemption import PreemptionHandler, ResumableSampler
 from models.resnet import ARCHS, NORMS, STEM_CHANNELS, cifar_resnet
-from models.runs import (REPO_ROOT, RunLogger, UserError, get_rng_state, load_checkpoint,
-                         method_name, prepare_run_dir, run_main, save_checkpoint,
-                         seed_everything, select_device, set_rng_state)
-from models.zca import BACKENDS, recompute_norm_statistics
-
+from models.runs import (REPO_ROOT, RunLogger, UserError, load_checkpoint, method_name,
+                         prepare_run_dir, run_main, seed_everything)
+from models.zca import BACKENDS
 # With at most this many training steps in a run, --recompute_stats auto recomputes the
 # normalisation statistics before each evaluation, because running averages lag a pre-SVD
 # weight that moves fast and the whitening magnifies the lag.
@@ -68,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                            'or receives the download')
     data.add_argument('--no_download', action='store_true',
                       help='fail with a message instead of downloading missing CIFAR data')
-    data.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
+    data.add_argument('--workers', type=int, default=2,
+                      help='DataLoader worker processes per training process')
+    data.add_argument('--no_augment', action='store_true',
+                      help='train without random crops and flips (debugging, and comparing '
+                           'runs with different numbers of processes)')
 
     model = parser.add_argument_group('model')
     model.add_argument('--arch', choices=tuple(ARCHS), default='resnet50', help='CIFAR ResNet')
@@ -93,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group('optimisation (SGD with a step schedule)')
     optim.add_argument('--epochs', type=int, default=350, help='training epochs')
-    optim.add_argument('--batch_size', type=int, default=128, help='images per training batch')
+    optim.add_argument('--batch_size', type=int, default=128,
+                       help='images per training step over all processes; under torchrun '
+                            'each of N processes takes batch_size / N')
     optim.add_argument('--lr', type=float, default=0.1, help='initial learning rate')
     optim.add_argument('--lr_step', type=int, default=100,
                        help='epochs between learning-rate decays')
@@ -117,7 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     system = parser.add_argument_group('system and debugging')
     system.add_argument('--seed', type=int, default=0, help='random seed')
-    system.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    system.add_argument('--device', default='auto',
+                        help='auto, cpu, cuda or cuda:N; under torchrun auto, cuda or cpu, '
+                             'and each process uses cuda:LOCAL_RANK (or the CPU with gloo)')
+    system.add_argument('--sync_cov', action='store_true',
+                        help='under torchrun, sum the meta-layer covariance moments and the '
+                             'batch norm statistics over all processes (SyncBatchNorm), so N '
+                             'processes normalise with the global batch as one process does')
+    add_amp_argument(system)
+    system.add_argument('--channels_last', action='store_true',
+                        help='keep weights and images in channels-last memory format')
+    system.add_argument('--compile', action='store_true',
+                        help='run the training forward through torch.compile (tried on the '
+                             'CPU only, where compiling took minutes; testing stays eager)')
     system.add_argument('--dry_run', action='store_true',
                         help='train one batch, test one batch, print the status line and '
                              'exit without creating a run folder')
@@ -154,12 +176,15 @@ def default_run_dir(args: argparse.Namespace) -> Path:
     return REPO_ROOT / 'runs' / name
 
 
-def make_loaders(args: argparse.Namespace, generator: torch.Generator, pin_memory: bool):
-    """Build the training, statistics and test loaders.
+def make_loaders(args: argparse.Namespace, ctx: DistContext, generator: torch.Generator):
+    """Build the training sampler and the training, statistics and test loaders.
 
-    The training loader draws each epoch's shuffling order, and the worker seeds, from
-    `generator`, whose state goes into every checkpoint. The statistics loader visits the
-    training images, with the training augmentation, in a fixed order.
+    Each epoch's order comes from (--seed, epoch) and is split between the ranks
+    (ResumableSampler), and the worker seeds from `generator`, whose state goes into every
+    checkpoint. The statistics loader visits the training images, with the training
+    augmentation, in a fixed order: split between the ranks with --sync_cov (or alone),
+    else whole global batches on rank 0 only (None on the other ranks). Rank 0 reads or
+    downloads the data first, and the other ranks then read it.
     """
     mean, std = MEAN_STD[args.dataset]
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
@@ -168,16 +193,34 @@ def make_loaders(args: argparse.Namespace, generator: torch.Generator, pin_memor
         augment = [transforms.RandomCrop(32, padding=2)]
     else:
         augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    if args.no_augment:
+        augment = []
+    if not ctx.is_main:
+        barrier(ctx)
     train_set, test_set = load_datasets(
         args.dataset, args.data_root, download=not args.no_download,
         train_transform=transforms.Compose(augment + normalize),
         test_transform=transforms.Compose(normalize))
+    if ctx.is_main:
+        barrier(ctx)
 
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin_memory)
-    train_loader = DataLoader(train_set, shuffle=True, generator=generator, **common)
-    stats_loader = DataLoader(train_set, shuffle=False, **common)
-    test_loader = DataLoader(test_set, shuffle=False, **common)
-    return train_loader, stats_loader, test_loader
+    per_batch = per_rank_batch(args.batch_size, ctx.world_size, '--batch_size')
+    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == 'cuda')
+    sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, shuffle=True,
+                               seed=args.seed)
+    train_loader = DataLoader(train_set, batch_size=per_batch, sampler=sampler,
+                              generator=generator, **common)
+    stats_loader = None
+    if args.sync_cov or ctx.world_size == 1:
+        # NOTE: the split pads the data with a few repeated images up to a multiple of N.
+        stats_sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, shuffle=False)
+        stats_loader = DataLoader(train_set, batch_size=per_batch, sampler=stats_sampler,
+                                  **common)
+    elif ctx.is_main:
+        stats_loader = DataLoader(train_set, batch_size=per_batch * ctx.world_size,
+                                  shuffle=False, **common)
+    test_loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, **common)
+    return sampler, train_loader, stats_loader, test_loader
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace):
@@ -193,6 +236,8 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace):
     return optimizer, scheduler
 
 
+
+
 def build_orthogonal_update(model: nn.Module, optimizer, args) -> OrthogonalUpdate:
     """NOG and OLR on the stem weight.
 
@@ -203,114 +248,26 @@ def build_orthogonal_update(model: nn.Module, optimizer, args) -> OrthogonalUpda
                             nog_method=args.nog_method)
 
 
-def train_one_epoch(model, loader, optimizer, updater, logger, device, args, epoch,
-                    global_step):
-    """Train for one epoch and return its summary and the new global step.
+def build_model(args: argparse.Namespace, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """Return the bare model on this rank's device and the module that runs the training forward.
 
-    The summary contains the mean training loss, the training accuracy in percent, the number
-    of steps, the meta-layer statistics and eta* of the last step, and the fraction of steps
-    whose eta* was below the base rate and used (the others fall back to the base rate).
+    With --sync_cov the meta-layer sums its moments over the ranks and every plain batch norm
+    becomes synchronised. Both happen together because only then do N processes on a split
+    batch compute the single-process result. The forward module is the model behind DDP
+    (with more than one process) and torch.compile (with --compile).
     """
-    model.train()
-    steps = len(loader) if args.max_batches == 0 else min(len(loader), args.max_batches)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, eta_used_steps = 0, 0
-    bar = tqdm(itertools.islice(loader, steps), total=steps, leave=False,
-               desc=f'epoch {epoch}', disable=True if args.no_progress else None)
-    for images, labels in bar:
-        # Fetch batch.
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-
-        # Forward.
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-
-        # Backward.
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-
-        # Nearest-orthogonal gradient (--nog), then the optimal learning rate eta* (--olr)
-        # for the stem group, against the scheduled rate of the other parameters.
-        base_lr = optimizer.param_groups[0]['lr']
-        go_ahead = updater.apply(base_lr)
-        if updater.last['eta_used'] and all(updater.last['eta_used']):
-            eta_used_steps += 1
-
-        # Step, unless NOG found a gradient without a usable polar factor (NaN, Inf or zero).
-        if go_ahead:
-            optimizer.step()
-        global_step += 1
-
-        # Log: running sums on the device, so there is no host sync except at log points.
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.argmax(1) == labels).sum()
-        seen += labels.shape[0]
-        if global_step % args.log_interval == 0:
-            scalars = step_scalars(model, optimizer, updater, loss.item())
-            logger.scalars(global_step, scalars)
-            bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
-                            acc=f"{100.0 * correct.item() / seen:.1f}%")
-
-    summary = {'train_loss': loss_sum.item() / max(seen, 1),
-               'train_acc': 100.0 * correct.item() / max(seen, 1), 'steps': steps,
-               **meta_stats(model), 'olr_eta': last_eta(updater),
-               'olr_eta_used': eta_used_steps / max(steps, 1) if updater.olr else None}
-    return summary, global_step
-
-
-def step_scalars(model, optimizer, updater, loss: float) -> dict[str, float]:
-    """TensorBoard scalars of one training step."""
-    scalars = {'train/loss': loss, 'orthogonality/nog_skips': updater.skipped,
-               'orthogonality/nog_rank_deficient': updater.rank_deficient}
-    for index, group in enumerate(optimizer.param_groups):
-        scalars[f"lr/{group.get('name', f'group_{index}')}"] = group['lr']
-    eta = last_eta(updater)
-    if eta is not None:
-        scalars['orthogonality/olr_eta'] = eta
-    for key, value in meta_stats(model).items():
-        if value is not None:
-            scalars[f'meta_layer/{key}'] = value
-    return scalars
-
-
-def meta_stats(model) -> dict:
-    """Condition number, rank and whitening residual from the meta-layer's last forward."""
-    keys = ('kappa', 'kappa_raw', 'rank', 'whitening_residual')
-    stats = getattr(model.meta_layer, 'last_stats', None) or {}
-    return {key: stats.get(key) for key in keys}
-
-
-def last_eta(updater) -> float | None:
-    """Return the eta* that OLR set at the last step (None without --olr or after a skip)."""
-    eta = (updater.last or {}).get('eta') if updater.olr else None
-    return eta[0] if eta else None
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, max_batches: int) -> tuple[float, float]:
-    """Return the test accuracy in percent and the mean test loss, in evaluation mode."""
-    model.eval()
-    batches = loader if max_batches == 0 else itertools.islice(loader, max_batches)
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction='sum').item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.shape[0]
-    return 100.0 * correct / max(seen, 1), loss_sum / max(seen, 1)
-
-
-def checkpoint_state(model, optimizer, scheduler, updater, generator, args, epoch,
-                     global_step, best_acc) -> dict:
-    """Everything a resume needs, as tensors and plain Python values."""
-    return {'epoch': epoch, 'global_step': global_step, 'best_acc': best_acc,
-            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'orthogonal_update': updater.state_dict(),
-            'rng': get_rng_state(), 'loader_generator': generator.get_state(),
-            'options': dict(vars(args))}
+    model = cifar_resnet(args.arch, NUM_CLASSES[args.dataset], norm=args.norm, ow=args.ow,
+                         groups=args.groups, eps=args.eps,
+                         svd_backend=args.svd_backend).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_cov:
+        model = convert_sync_batchnorm(model, ctx)
+        sync_covariance(model)
+    forward_model = wrap_model(model, ctx)
+    if args.compile:
+        forward_model = torch.compile(forward_model)
+    return model, forward_model
 
 
 def load_resume_checkpoint(path: Path, args: argparse.Namespace) -> dict:
@@ -333,31 +290,27 @@ def load_resume_checkpoint(path: Path, args: argparse.Namespace) -> dict:
     return state
 
 
-def restore(state, path, model, optimizer, scheduler, generator) -> None:
-    """Load the model, optimizer, scheduler, shuffling and global random states."""
+def restore(state: dict, path: Path, run: TrainingRun) -> dict | None:
+    """Load the model, optimizer, scheduler, loss scale and random states of a checkpoint.
+
+    Returns the running sums of an interrupted epoch (None after a whole epoch).
+    """
     try:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
+        run.model.load_state_dict(state['model'])
+        run.optimizer.load_state_dict(state['optimizer'])
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"--resume: {path} does not match this model ({err})") from err
-    scheduler.load_state_dict(state['scheduler'])
-    generator.set_state(state['loader_generator'])
-    set_rng_state(state['rng'])
-
-
-def status_line(epoch: int, epochs: int, record: dict) -> str:
-    """Format the status line of an epoch: fixed fields, accuracies in percent.
-
-    The time is the whole epoch's, testing included, and ms/step covers training steps only.
-    """
-    def sci(value):
-        return f'{value:8.2e}' if value is not None else f"{'-':>8}"
-    return (f"epoch {epoch:4d}/{epochs} | loss {record['train_loss']:7.4f} | "
-            f"train {record['train_acc']:6.2f}% | test {record['test_acc']:6.2f}% "
-            f"(running {record['test_acc_running']:6.2f}%) | lr {sci(record['lr'])} | "
-            f"eta* {sci(record['olr_eta'])} | kappa {sci(record['kappa'])} | "
-            f"nog skips {record['nog_skips']:d} | {record['time']:7.1f} s "
-            f"({1000 * record['time_per_step']:6.1f} ms/step)")
+    run.scheduler.load_state_dict(state['scheduler'])
+    if state.get('scaler'):
+        run.scaler.load_state_dict(state['scaler'])
+    if not restore_rank_state(state, run.ctx, run.generator):
+        seed_everything(rank_seed(run.args.seed + state['global_step'], run.ctx.rank))
+    sums = state.get('epoch_sums')
+    if sums is None:
+        return None
+    device = run.ctx.device
+    return {**sums, 'loss_sum': sums['loss_sum'].to(device),
+            'correct': sums['correct'].to(device)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,158 +320,82 @@ def main(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args)
 
-    # Reject a new run over an existing folder before any download or training.
+    # Reject a new run over an existing folder before any download or training. Every rank
+    # checks before the process group forms, so rank 0 cannot have created the folder yet.
     if not args.dry_run and not args.resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty; pass --resume "
                         f"to continue that run, or choose another --run_dir")
+    state = load_resume_checkpoint(run_dir / 'last.pt', args) if args.resume else None
+    env = torchrun_environment()
+    per_rank_batch(args.batch_size, env['WORLD_SIZE'] if env else 1, '--batch_size')
+    ctx = init_distributed(args.device)
+    try:
+        check_amp(args.amp, ctx.device)
+        return train_run(args, argv, run_dir, ctx, state)
+    finally:
+        cleanup()
+
+
+def train_run(args: argparse.Namespace, argv: list[str] | None, run_dir: Path,
+              ctx: DistContext, state: dict | None) -> int:
+    """Build the run on this rank, resume it from `state` if given, and train it."""
+    # The model's initialisation comes from --seed on every rank. Augmentation and worker
+    # seeds differ between ranks (rank 0 keeps --seed, as a single process does).
     seed_everything(args.seed)
-    device = select_device(args.device)
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader, stats_loader, test_loader = make_loaders(args, generator,
-                                                           device.type == 'cuda')
-    model = cifar_resnet(args.arch, NUM_CLASSES[args.dataset], norm=args.norm, ow=args.ow,
-                         groups=args.groups, eps=args.eps,
-                         svd_backend=args.svd_backend).to(device)
+    generator = torch.Generator().manual_seed(rank_seed(args.seed, ctx.rank))
+    sampler, train_loader, stats_loader, test_loader = make_loaders(args, ctx, generator)
+    model, forward_model = build_model(args, ctx)
     optimizer, scheduler = build_optimizer(model, args)
+    if ctx.world_size > 1:
+        seed_everything(rank_seed(args.seed, ctx.rank))
 
     steps_per_epoch = len(train_loader) if args.max_batches == 0 else min(
         len(train_loader), args.max_batches)
     recompute = args.recompute_stats == 'on' or (
         args.recompute_stats == 'auto' and args.epochs * steps_per_epoch <= RECOMPUTE_MAX_STEPS)
+    run = TrainingRun(args, ctx, run_dir, model, forward_model, optimizer, scheduler, None,
+                      make_grad_scaler(args.amp, ctx.device), generator, sampler, train_loader,
+                      stats_loader, test_loader, recompute, steps_per_epoch,
+                      RunLogger('', enabled=False))
     if args.dry_run:
-        updater = build_orthogonal_update(model, optimizer, args)
-        return dry_run(model, optimizer, updater, train_loader, stats_loader, test_loader,
-                       device, args, recompute)
+        run.updater = build_orthogonal_update(model, optimizer, args)
+        return dry_run(run)
 
-    start_epoch, global_step, best_acc = 0, 0, 0.0
-    updater_state = None
-    if args.resume:
-        state = load_resume_checkpoint(run_dir / 'last.pt', args)
+    start_epoch, global_step, best_acc, epoch_sums = 0, 0, 0.0, None
+    if state is not None:
         if state['epoch'] >= args.epochs:
-            print(f"{run_dir} has already trained {state['epoch']} epochs; pass a larger "
-                  f"--epochs to continue it")
+            if ctx.is_main:
+                print(f"{run_dir} has already trained {state['epoch']} epochs; pass a larger "
+                      f"--epochs to continue it")
             return 0
-        restore(state, run_dir / 'last.pt', model, optimizer, scheduler, generator)
-        start_epoch, global_step = state['epoch'], state['global_step']
-        best_acc, updater_state = state['best_acc'], state['orthogonal_update']
-        print(f"resuming {run_dir} after epoch {start_epoch} (best test accuracy "
-              f"{best_acc:.2f}%)")
-    updater = build_orthogonal_update(model, optimizer, args)
-    if updater_state is not None:
-        updater.load_state_dict(updater_state)
-    resolved = argparse.Namespace(**{**vars(args), 'run_dir': str(run_dir)})
-    prepare_run_dir(run_dir, args.resume, resolved, argv, family='cifar',
-                    dataset=args.dataset, method=method_name(args.nog, args.olr, args.ow))
+        epoch_sums = restore(state, run_dir / 'last.pt', run)
+        start_epoch, global_step, best_acc = state['epoch'], state['global_step'], \
+            state['best_acc']
+        if ctx.is_main:
+            within = f" and {epoch_sums['steps']} steps" if epoch_sums else ''
+            print(f"resuming {run_dir} after epoch {start_epoch}{within} (best test accuracy "
+                  f"{best_acc:.2f}%)")
+    run.updater = build_orthogonal_update(model, optimizer, args)
+    if state is not None:
+        run.updater.load_state_dict(state['orthogonal_update'])
+    if ctx.is_main:
+        resolved = argparse.Namespace(**{**vars(args), 'run_dir': str(run_dir)})
+        prepare_run_dir(run_dir, args.resume, resolved, argv, family='cifar',
+                        dataset=args.dataset, method=method_name(args.nog, args.olr, args.ow))
+    barrier(ctx)
 
     # TensorBoard points and stats.jsonl lines after the checkpoint's step belong to an
-    # interrupted epoch, so the logger drops them.
+    # interrupted run, so the logger drops them.
     purge_step = global_step + 1 if args.resume else None
-    with RunLogger(run_dir, purge_step=purge_step, purge_key='step') as logger:
-        run = TrainingRun(args, run_dir, device, model, optimizer, scheduler, updater,
-                          generator, train_loader, stats_loader, test_loader, recompute,
-                          steps_per_epoch, logger)
-        best_acc = train(run, start_epoch, global_step, best_acc)
-    print(f"done: best test accuracy {best_acc:.2f}% in {run_dir}")
-    return 0
-
-
-@dataclass
-class TrainingRun:
-    """The objects of one training run, built once by `main`."""
-
-    args: argparse.Namespace
-    run_dir: Path
-    device: torch.device
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    updater: OrthogonalUpdate
-    generator: torch.Generator
-    train_loader: DataLoader
-    stats_loader: DataLoader
-    test_loader: DataLoader
-    recompute: bool
-    steps_per_epoch: int
-    logger: RunLogger
-
-
-def train(run: TrainingRun, start_epoch: int, global_step: int, best_acc: float) -> float:
-    """Train from `start_epoch` to `--epochs`, test and checkpoint after each epoch.
-
-    Returns the best test accuracy in percent.
-    """
-    args, model, optimizer = run.args, run.model, run.optimizer
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        start = time.perf_counter()
-        summary, global_step = train_one_epoch(model, run.train_loader, optimizer, run.updater,
-                                               run.logger, run.device, args, epoch,
-                                               global_step)
-        train_time = time.perf_counter() - start
-        lr = optimizer.param_groups[0]['lr']
-        run.scheduler.step()
-
-        # Test with the running averages, then (when on) with recomputed statistics, which
-        # stay in the model so that the checkpoint reproduces test_acc.
-        test_acc_running, test_loss = evaluate(model, run.test_loader, run.device,
-                                               args.max_batches)
-        test_acc = test_acc_running
-        if run.recompute:
-            batches = itertools.islice(run.stats_loader, run.steps_per_epoch)
-            recompute_norm_statistics(model, batches, run.device)
-            test_acc, test_loss = evaluate(model, run.test_loader, run.device,
-                                           args.max_batches)
-        elapsed = time.perf_counter() - start
-
-        record = {'epoch': epoch, 'step': global_step, **summary, 'test_loss': test_loss,
-                  'test_acc': test_acc, 'test_acc_running': test_acc_running,
-                  'test_error': 100.0 - test_acc, 'recomputed': run.recompute, 'lr': lr,
-                  'lr_pre_svd': optimizer.param_groups[-1]['lr'],
-                  'nog_skips': run.updater.skipped,
-                  'nog_rank_deficient': run.updater.rank_deficient, 'time': elapsed,
-                  'time_per_step': train_time / max(summary['steps'], 1)}
-        log_epoch(run.logger, record, global_step)
-        print(status_line(epoch, args.epochs, record), flush=True)
-
-        # Checkpoint: last.pt every epoch, best.pt on a new best test accuracy (or when absent).
-        is_best = test_acc > best_acc or not (run.run_dir / 'best.pt').exists()
-        best_acc = max(best_acc, test_acc)
-        state = checkpoint_state(model, optimizer, run.scheduler, run.updater, run.generator,
-                                 args, epoch, global_step, best_acc)
-        save_checkpoint(run.run_dir / 'last.pt', state)
-        if is_best:
-            save_checkpoint(run.run_dir / 'best.pt', state)
-    return best_acc
-
-
-def log_epoch(logger: RunLogger, record: dict, global_step: int) -> None:
-    logger.stats(record)
-    logger.scalars(global_step, {
-        'epoch/train_loss': record['train_loss'], 'epoch/train_acc': record['train_acc'],
-        'epoch/train_error': 100.0 - record['train_acc'], 'epoch/test_acc': record['test_acc'],
-        'epoch/test_acc_running': record['test_acc_running'],
-        'epoch/test_error': record['test_error'], 'epoch/test_loss': record['test_loss']})
-
-
-def dry_run(model, optimizer, updater, train_loader, stats_loader, test_loader, device,
-            args, recompute: bool) -> int:
-    """Train one batch, test one batch and print the status line, without a run folder."""
-    one_batch = argparse.Namespace(**{**vars(args), 'max_batches': 1})
-    logger = RunLogger('', enabled=False)
-    start = time.perf_counter()
-    summary, _ = train_one_epoch(model, train_loader, optimizer, updater, logger, device,
-                                 one_batch, 1, 0)
-    train_time = time.perf_counter() - start
-    test_acc_running, _ = evaluate(model, test_loader, device, 1)
-    test_acc = test_acc_running
-    if recompute:
-        recompute_norm_statistics(model, itertools.islice(stats_loader, 1), device)
-        test_acc, _ = evaluate(model, test_loader, device, 1)
-    elapsed = time.perf_counter() - start
-    record = {**summary, 'test_acc': test_acc, 'test_acc_running': test_acc_running,
-              'lr': optimizer.param_groups[0]['lr'], 'nog_skips': updater.skipped,
-              'time': elapsed, 'time_per_step': train_time}
-    print(status_line(1, 1, record))
-    print("dry run: one training and one test batch; no run folder was created")
+    with RunLogger(run_dir, purge_step=purge_step, purge_key='step',
+                   enabled=ctx.is_main) as run.logger, PreemptionHandler() as run.preemption:
+        best_acc, stopped_at = train(run, start_epoch, global_step, best_acc, epoch_sums)
+    if ctx.is_main and stopped_at is not None:
+        print(f"stopped by {run.preemption.signal_name or 'a signal on another rank'} after "
+              f"step {stopped_at}; {run_dir / 'last.pt'} holds the position, continue with "
+              f"--resume", flush=True)
+    elif ctx.is_main:
+        print(f"done: best test accuracy {best_acc:.2f}% in {run_dir}")
     return 0
 
 

@@ -1,0 +1,310 @@
+"""The CIFAR trainer under torchrun, mixed precision and preemption, on the CPU.
+
+The two-process runs fork 2 workers that call ``main_cifar100.main`` with torchrun's
+variables and gloo on 127.0.0.1. The preemption test sends SIGTERM to a training subprocess
+and resumes the run in this process.
+"""
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import main_cifar100
+from models import cifar_training
+from models.runs import UserError, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
+                      'MASTER_PORT')
+# 2 processes against 1 on the same global batches. In float32 the weights differed by up to
+# 1.4e-4 after one step (measured with this model and data), because the sums over the ranks
+# add in another order. So the comparison runs in float64, where the largest difference
+# measured after 3 steps with NOG and OLR was below 1e-12.
+SPLIT_ATOL = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two threads on a loaded two-core machine run several times slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def cifar_root(tmp_path_factory):
+    """A CIFAR-100 pickle folder with 32 training and 8 test images, as the archive has it."""
+    root = tmp_path_factory.mktemp('data')
+    folder = root / 'cifar-100-python'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in (('train', 32), ('test', 8)):
+        batch = {b'data': rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b'fine_labels': rng.integers(0, 100, count).tolist(),
+                 b'coarse_labels': rng.integers(0, 20, count).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b'fine_label_names': [f'class{i}'.encode() for i in range(100)],
+            b'coarse_label_names': [f'super{i}'.encode() for i in range(20)]}
+    (folder / 'meta').write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def tiny_args(cifar_root, run_dir, *extra):
+    """ResNet-18 with the meta-layer, NOG and OLR, 4 images a step, on the CPU."""
+    return ['--dataset', 'cifar100', '--data_root', str(cifar_root), '--no_download',
+            '--arch', 'resnet18', '--norm', 'zcanormbatch', '--nog', '--olr', '--lr', '0.02',
+            '--batch_size', '4', '--workers', '0', '--no_progress', '--log_interval', '1',
+            '--device', 'cpu', '--run_dir', str(run_dir), *extra]
+
+
+def assert_states_equal(one, two, where=''):
+    if isinstance(one, torch.Tensor):
+        assert torch.equal(one, two), f"{where}: max difference {(one - two).abs().max()}"
+    elif isinstance(one, dict):
+        assert one.keys() == two.keys(), f"{where}: keys {one.keys() ^ two.keys()}"
+        for key in one:
+            assert_states_equal(one[key], two[key], f'{where}/{key}')
+    elif isinstance(one, (list, tuple)):
+        assert len(one) == len(two), f"{where}: lengths {len(one)} and {len(two)}"
+        for index, (x, y) in enumerate(zip(one, two)):
+            assert_states_equal(x, y, f'{where}/{index}')
+    else:
+        assert one == two, f"{where}: {one!r} != {two!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes with gloo
+# ---------------------------------------------------------------------------------------------
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _rank_worker(rank: int, port: int, argv: list[str], out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo')
+    torch.set_num_threads(1)
+    warnings.simplefilter('ignore')
+    # Keep this rank's model after training, to compare the ranks.
+    train = cifar_training.train
+
+    def recording_train(run, *args):
+        result = train(run, *args)
+        torch.save(run.model.state_dict(), f'{out_dir}/rank{rank}.pt')
+        return result
+
+    main_cifar100.train = recording_train
+    assert main_cifar100.main(argv) == 0
+
+
+def _run_two_ranks(argv: list[str], out_dir: Path) -> list[dict]:
+    """Run ``main_cifar100.main(argv)`` in 2 forked gloo processes; return each rank's model."""
+    # fork reuses the imported torch (spawn re-imports it in each child, many seconds here).
+    start_method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
+    context = mp.start_processes(_rank_worker, args=(_free_loopback_port(), argv, str(out_dir)),
+                                 nprocs=WORLD_SIZE, join=False, start_method=start_method)
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f'the {WORLD_SIZE} training processes did not finish in 120 s')
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(out_dir / f'rank{r}.pt', weights_only=True) for r in range(WORLD_SIZE)]
+
+
+SPLIT = ['--sync_cov', '--no_augment', '--epochs', '1', '--max_batches', '2',
+         '--recompute_stats', 'on']
+
+
+@pytest.fixture(scope='module')
+def two_ranks(cifar_root, tmp_path_factory):
+    """Train 2 steps with --sync_cov in 2 processes and in 1; return the folders and models.
+
+    Both run in float64: the images (torchvision's ToTensor) and the model take the default
+    dtype, which the forked workers inherit.
+    """
+    logs = tmp_path_factory.mktemp('runs')
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ranks = _run_two_ranks(tiny_args(cifar_root, logs / 'two', *SPLIT),
+                               tmp_path_factory.mktemp('ranks'))
+        torch.set_num_threads(1)
+        assert main_cifar100.main(tiny_args(cifar_root, logs / 'one', *SPLIT)) == 0
+    finally:
+        torch.set_default_dtype(dtype)
+    return logs, ranks
+
+
+def test_ranks_end_with_identical_models(two_ranks):
+    # Parameters and, with --sync_cov, the running whitening and batch norm statistics.
+    _, (rank0, rank1) = two_ranks
+    assert any('running_whitening' in name for name in rank0), sorted(rank0)
+    assert_states_equal(rank0, rank1, 'model')
+
+
+def test_two_ranks_match_one_process(two_ranks):
+    logs, (rank0, _) = two_ranks
+    one = load_checkpoint(logs / 'one' / 'last.pt')
+    two = load_checkpoint(logs / 'two' / 'last.pt')
+    assert one['global_step'] == two['global_step'] == 2
+    for name, tensor in one['model'].items():
+        if not tensor.is_floating_point():
+            assert torch.equal(tensor, two['model'][name]), name
+            continue
+        difference = (tensor - two['model'][name]).abs().max().item()
+        assert difference <= SPLIT_ATOL, f"{name}: max difference {difference:.2e}"
+    assert_states_equal(two['model'], rank0, 'rank 0 model against its checkpoint')
+    record_one, = [json.loads(line) for line in (logs / 'one' / 'stats.jsonl').open()]
+    record_two, = [json.loads(line) for line in (logs / 'two' / 'stats.jsonl').open()]
+    assert record_two['train_loss'] == pytest.approx(record_one['train_loss'], abs=1e-9)
+    assert record_two['train_acc'] == record_one['train_acc']
+
+
+def test_rank0_writes_one_run_folder(two_ranks):
+    logs, _ = two_ranks
+    run_dir = logs / 'two'
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        'best.pt', 'config.json', 'last.pt', 'stats.jsonl', 'tb']
+    assert len(list((run_dir / 'tb').iterdir())) == 1, 'more than one TensorBoard file'
+    state = load_checkpoint(run_dir / 'last.pt')
+    assert state['world_size'] == WORLD_SIZE, state['world_size']
+    assert len(state['rank_states']) == WORLD_SIZE
+    # Ranks draw different augmentations: their random states differ.
+    rng0, rng1 = (s['rng']['torch'] for s in state['rank_states'])
+    assert not torch.equal(rng0, rng1), 'ranks share one random state'
+
+
+@pytest.fixture
+def fake_torchrun(monkeypatch):
+    """torchrun's variables for rank 0 of 2; no process group is started by these tests."""
+    values = dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', LOCAL_WORLD_SIZE='2',
+                  MASTER_ADDR='127.0.0.1', MASTER_PORT='1')
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.setenv(name, values[name])
+
+
+def test_batch_not_divisible_by_ranks(fake_torchrun, cifar_root, tmp_path):
+    argv = tiny_args(cifar_root, tmp_path / 'run', '--batch_size', '3')
+    with pytest.raises(UserError, match='--batch_size 3 .* multiple of the number of processes'):
+        main_cifar100.main(argv)
+    assert not dist.is_initialized()
+    assert not (tmp_path / 'run').exists(), 'a run folder was created for a bad --batch_size'
+
+
+def test_torchrun_rejects_device_index(fake_torchrun, cifar_root, tmp_path):
+    argv = tiny_args(cifar_root, tmp_path / 'run', '--device', 'cuda:1')
+    with pytest.raises(UserError, match='--device cuda:1 conflicts with torchrun'):
+        main_cifar100.main(argv)
+    assert not dist.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
+# ---------------------------------------------------------------------------------------------
+
+# GradScaler skips the first fp16 steps while it lowers its initial scale of 2**16, so the
+# scheduler steps before any optimizer step and torch warns about it.
+@pytest.mark.filterwarnings('ignore:Detected call of `lr_scheduler.step')
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_autocast_trains_with_finite_losses(cifar_root, tmp_path, amp):
+    run_dir = tmp_path / amp
+    argv = tiny_args(cifar_root, run_dir, '--amp', amp, '--channels_last', '--epochs', '1',
+                     '--max_batches', '1', '--recompute_stats', 'off')
+    assert main_cifar100.main(argv) == 0
+    record, = [json.loads(line) for line in (run_dir / 'stats.jsonl').open()]
+    for key in ('train_loss', 'test_loss', 'kappa'):
+        assert np.isfinite(record[key]), f"{key} {record[key]}"
+    state = load_checkpoint(run_dir / 'last.pt')
+    weights = torch.cat([v.flatten().float() for v in state['model'].values()])
+    assert torch.isfinite(weights).all(), 'non-finite weights'
+    # Only fp16 uses a loss scale, and its state is saved for the resume.
+    assert bool(state['scaler']) == (amp == 'fp16'), state['scaler']
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------
+
+# 32 images at 4 a step: 8 steps per epoch. The run stops inside epoch 2 and the learning rate
+# decays after every epoch, so a resume that stepped the scheduler at the wrong time would end
+# with other weights.
+SIGTERM_RUN = ['--epochs', '2', '--lr_step', '1', '--lr_gamma', '0.5', '--recompute_stats',
+               'off']
+
+
+# NOTE: this test failed twice in about 15 runs, both while a long torch.compile job loaded
+# the machine: the resumed weights differed from the uninterrupted ones. The cause is not
+# known. Stops raised in-process at each of steps 3 and 9 to 16 resumed bit for bit.
+def test_sigterm_mid_epoch_and_resume_is_exact(cifar_root, tmp_path):
+    stopped = tmp_path / 'stopped'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    for name in TORCHRUN_VARIABLES:
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, 'main_cifar100.py', *tiny_args(cifar_root, stopped, *SIGTERM_RUN)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # Wait for the record of epoch 1, then stop the run inside epoch 2.
+    stats = stopped / 'stats.jsonl'
+    deadline = time.monotonic() + 90
+    while not (stats.exists() and stats.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not finish epoch 1 (rc {process.poll()}): "
+                        f"{process.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail('training still running 30 s after SIGTERM')
+    elapsed = time.monotonic() - sent
+
+    assert process.returncode == 0, f"rc {process.returncode}: {stderr[-2000:]}"
+    assert elapsed < 10, f"exit took {elapsed:.1f} s after SIGTERM"
+    assert 'received SIGTERM' in stderr, stderr[-2000:]
+    state = load_checkpoint(stopped / 'last.pt')
+    assert state['epoch'] == 1, f"checkpoint after epoch {state['epoch']}"
+    steps = state['epoch_sums']['steps']
+    assert 1 <= steps < 8, f"stopped after {steps} steps of epoch 2"
+    assert state['global_step'] == 8 + steps, state['global_step']
+    assert f"stopped by SIGTERM after step {state['global_step']}" in stdout, stdout
+
+    # Resume to the end, and compare with an uninterrupted run.
+    assert main_cifar100.main(tiny_args(cifar_root, stopped, *SIGTERM_RUN, '--resume')) == 0
+    straight = tmp_path / 'straight'
+    assert main_cifar100.main(tiny_args(cifar_root, straight, *SIGTERM_RUN)) == 0
+    one, two = load_checkpoint(straight / 'last.pt'), load_checkpoint(stopped / 'last.pt')
+    assert one['global_step'] == two['global_step'] == 16
+    for key in ('model', 'optimizer', 'scheduler', 'orthogonal_update', 'rng',
+                'loader_generator', 'best_acc'):
+        assert_states_equal(one[key], two[key], f"{key} (stopped after step {8 + steps})")
+    records = [json.loads(line) for line in (stopped / 'stats.jsonl').open()]
+    expected = [json.loads(line) for line in (straight / 'stats.jsonl').open()]
+    assert [r['epoch'] for r in records] == [1, 2]
+    for got, want in zip(records, expected):
+        for key in ('step', 'train_loss', 'train_acc', 'test_acc', 'lr', 'olr_eta'):
+            assert got[key] == want[key], f"epoch {got['epoch']} {key}: {got[key]} != {want[key]}"
