@@ -43,7 +43,7 @@ from models.distributed import (DistContext, barrier, cleanup, convert_sync_batc
                                 init_distributed, per_rank_batch, rank_seed, sync_covariance,
                                 torchrun_environment, wrap_model)
 from models.orthogonality import NOG_METHODS, OrthogonalUpdate, split_param_groups
-from models.preemption import PreemptionHandler, ResumableSampler
+from models.preemption import PreemptionHandler, ResumableSampler, ignore_stop_signals
 from models.resnet import ARCHS, NORMS, STEM_CHANNELS, cifar_resnet
 from models.runs import (REPO_ROOT, RunLogger, UserError, load_checkpoint, method_name,
                          prepare_run_dir, run_main, seed_everything)
@@ -205,7 +205,8 @@ def make_loaders(args: argparse.Namespace, ctx: DistContext, generator: torch.Ge
         barrier(ctx)
 
     per_batch = per_rank_batch(args.batch_size, ctx.world_size, '--batch_size')
-    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == 'cuda')
+    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == 'cuda',
+                  worker_init_fn=ignore_stop_signals)
     sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, shuffle=True,
                                seed=args.seed)
     train_loader = DataLoader(train_set, batch_size=per_batch, sampler=sampler,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from models.distributed import (DistContext, all_reduce_mean, any_rank, average_
 from models.gan import diff_augment, infinite_loader, r1_penalty, save_image_grid
 from models.images import ImageFolderDataset
 from models.orthogonality import orthogonality_error
-from models.preemption import PreemptionHandler, make_resumable_sampler, resume_position
+from models.preemption import (PreemptionHandler, ignore_stop_signals,
+                               make_resumable_sampler, resume_position)
 from models.runs import REPO_ROOT, RunLogger, UserError, prepare_run_dir, seed_everything
 
 REG_TYPES = ('nog', 'olr', 'nog_olr', 'ol', 'none')
@@ -133,16 +133,6 @@ def run_folder(args: argparse.Namespace) -> Path:
     return args.logdir / name
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # A cluster scheduler may send SIGTERM to every process of the job, and Ctrl-C sends
-    # SIGINT to the terminal's foreground process group. A loader worker killed that way makes
-    # the training process raise at once ("DataLoader worker ... is killed by signal"), before
-    # the step can finish and the checkpoint be written. The workers ignore both signals and
-    # end when the loader shuts them down or the training process exits.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def make_batches(args, ctx: DistContext, dataset, start_step: int, per_batch: int):
     """Return an endless iterator of this rank's real batches and the batches per epoch.
 
@@ -164,7 +154,7 @@ def make_batches(args, ctx: DistContext, dataset, start_step: int, per_batch: in
     loader = DataLoader(dataset, batch_size=per_batch, sampler=sampler, drop_last=True,
                         num_workers=args.n_workers, pin_memory=ctx.device.type == 'cuda',
                         generator=torch.Generator().manual_seed(worker_seed),
-                        worker_init_fn=_ignore_stop_signals, persistent_workers=False)
+                        worker_init_fn=ignore_stop_signals, persistent_workers=False)
     batches = (batch.to(ctx.device, non_blocking=True)
                for batch in infinite_loader(loader, epoch))
     return batches, per_epoch

@@ -33,6 +33,19 @@ from models.distributed import DistContext, any_rank
 log = logging.getLogger(__name__)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Make a DataLoader worker ignore SIGTERM and SIGINT (pass as ``worker_init_fn``).
+
+    Schedulers, ``timeout`` and Ctrl-C may signal the whole process group. A loader worker
+    killed that way makes the training process raise ("DataLoader worker ... is killed by
+    signal") before the step can finish and the checkpoint be written, and under torchrun
+    the other ranks then wait in a collective. The workers ignore both signals and end when
+    the loader shuts them down or the training process exits.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class PreemptionHandler:
     """Context manager that records SIGTERM and SIGINT in ``requested`` instead of exiting.
 

@@ -28,7 +28,6 @@ all nodes must see the same --checkpoints_dir.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from models.amp import add_amp_argument, check_amp  # noqa: E402
 from models.distributed import (DistContext, all_reduce_mean, barrier,  # noqa: E402
                                 cleanup, per_rank_batch, rank_seed, torchrun_environment)
 from models.gan import save_image_grid  # noqa: E402
-from models.preemption import PreemptionHandler  # noqa: E402
+from models.preemption import PreemptionHandler, ignore_stop_signals  # noqa: E402
 from models.runs import (RunLogger, load_checkpoint, prepare_run_dir,  # noqa: E402
                          run_main, seed_everything)
 from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
@@ -166,17 +165,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_dataset_size is not None and args.max_dataset_size < 1:
         parser.error(f"--max_dataset_size must be at least 1, got {args.max_dataset_size}")
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Let data-loader workers ignore SIGTERM and SIGINT.
-
-    `timeout`, Ctrl-C and some schedulers signal the whole process group. A worker killed by
-    the signal would make the main process fail before it could save, so only the main
-    process reacts, and it shuts the workers down when it returns.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_batches(t: GANTraining, loader: DataLoader, batch_size: int):

@@ -308,3 +308,35 @@ def test_sigterm_mid_epoch_and_resume_is_exact(cifar_root, tmp_path):
     for got, want in zip(records, expected):
         for key in ('step', 'train_loss', 'train_acc', 'test_acc', 'lr', 'olr_eta'):
             assert got[key] == want[key], f"epoch {got['epoch']} {key}: {got[key]} != {want[key]}"
+
+
+def test_sigterm_to_process_group_with_workers(cifar_root, tmp_path):
+    # Schedulers and Ctrl-C signal the whole process group, loader workers included. The
+    # workers must ignore the signal so that the trainer can finish its step and save.
+    run_dir = tmp_path / 'group'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    for name in TORCHRUN_VARIABLES:
+        env.pop(name, None)
+    argv = tiny_args(cifar_root, run_dir, *SIGTERM_RUN)
+    argv[argv.index('--workers') + 1] = '1'
+    process = subprocess.Popen([sys.executable, 'main_cifar100.py', *argv], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    stats = run_dir / 'stats.jsonl'
+    deadline = time.monotonic() + 90
+    while not (stats.exists() and stats.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"training did not finish epoch 1 (rc {process.poll()}): "
+                        f"{process.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail('training still running 30 s after SIGTERM to its process group')
+    assert process.returncode == 0, f"rc {process.returncode}: {stderr[-2000:]}"
+    assert 'killed by signal' not in stderr, stderr[-2000:]
+    state = load_checkpoint(run_dir / 'last.pt')
+    assert state['global_step'] > 8, f"checkpoint at step {state['global_step']}"
