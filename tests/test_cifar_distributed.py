@@ -6,7 +6,6 @@ and resumes the run in this process.
 """
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import main_cifar100
+from cifar_folders import write_cifar100_folder
 from models import cifar_training
 from models.runs import UserError, load_checkpoint
 
@@ -48,19 +48,7 @@ def one_thread():
 @pytest.fixture(scope='module')
 def cifar_root(tmp_path_factory):
     """A CIFAR-100 pickle folder with 32 training and 8 test images, as the archive has it."""
-    root = tmp_path_factory.mktemp('data')
-    folder = root / 'cifar-100-python'
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, count in (('train', 32), ('test', 8)):
-        batch = {b'data': rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                 b'fine_labels': rng.integers(0, 100, count).tolist(),
-                 b'coarse_labels': rng.integers(0, 20, count).tolist()}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b'fine_label_names': [f'class{i}'.encode() for i in range(100)],
-            b'coarse_label_names': [f'super{i}'.encode() for i in range(20)]}
-    (folder / 'meta').write_bytes(pickle.dumps(meta, protocol=2))
-    return root
+    return write_cifar100_folder(tmp_path_factory.mktemp('data'), 32, 8)
 
 
 def tiny_args(cifar_root, run_dir, *extra):

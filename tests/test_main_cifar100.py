@@ -1,17 +1,16 @@
 """The CIFAR trainer end to end on tiny data: flags, run folders, OLR groups and resume."""
 import json
 import os
-import pickle
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import main_cifar100
+from cifar_folders import write_cifar100_folder
 from models.orthogonality import optimal_learning_rate
 from models.resnet import cifar_resnet
 from models.runs import UserError
@@ -34,19 +33,7 @@ def one_thread():
 @pytest.fixture(scope='module')
 def cifar_root(tmp_path_factory):
     """A CIFAR-100 pickle folder with 64 training and 16 test images, as the archive has it."""
-    root = tmp_path_factory.mktemp('data')
-    folder = root / 'cifar-100-python'
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, count in (('train', 64), ('test', 16)):
-        batch = {b'data': rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                 b'fine_labels': rng.integers(0, 100, count).tolist(),
-                 b'coarse_labels': rng.integers(0, 20, count).tolist()}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b'fine_label_names': [f'class{i}'.encode() for i in range(100)],
-            b'coarse_label_names': [f'super{i}'.encode() for i in range(20)]}
-    (folder / 'meta').write_bytes(pickle.dumps(meta, protocol=2))
-    return root
+    return write_cifar100_folder(tmp_path_factory.mktemp('data'), 64, 16)
 
 
 def tiny_args(cifar_root, run_dir, *extra):
