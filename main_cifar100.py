@@ -373,7 +373,8 @@ def train_run(args: argparse.Namespace, argv: list[str] | None, run_dir: Path,
         start_epoch, global_step, best_acc = state['epoch'], state['global_step'], \
             state['best_acc']
         if ctx.is_main:
-            within = f" and {epoch_sums['steps']} steps" if epoch_sums else ''
+            steps = epoch_sums['steps'] if epoch_sums else 0
+            within = f" and {steps} step{'s' if steps > 1 else ''}" if steps else ''
             print(f"resuming {run_dir} after epoch {start_epoch}{within} (best test accuracy "
                   f"{best_acc:.2f}%)")
     run.updater = build_orthogonal_update(model, optimizer, args)

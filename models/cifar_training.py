@@ -288,11 +288,13 @@ def train(run: TrainingRun, start_epoch: int, global_step: int, best_acc: float,
         train_time = time.perf_counter() - start
 
         # Stopped by a signal: save the position inside the epoch and leave.
+        # Every rank joins the two collectives; only rank 0 writes.
         if stopped:
             rank_states = gather_rank_states(ctx, generator_state)
+            mean_sums = reduce_epoch_sums(sums, ctx)
             if ctx.is_main:
                 state = checkpoint_state(run, epoch - 1, global_step, best_acc, rank_states,
-                                         reduce_epoch_sums(sums, ctx))
+                                         mean_sums)
                 save_checkpoint(run.run_dir / 'last.pt', state)
             barrier(ctx)
             return best_acc, global_step

@@ -7,7 +7,6 @@ and resumes the run in this process.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import main_cifar100
 from cifar_folders import write_cifar100_folder
 from models import cifar_training
 from models.runs import UserError, load_checkpoint
+from two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD_SIZE = 2
-TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
-                      'MASTER_PORT')
 # 2 processes against 1 on the same global batches. In float32 the weights differed by up to
 # 1.4e-4 after one step (measured with this model and data), because the sums over the ranks
 # add in another order. So the comparison runs in float64, where the largest difference
@@ -78,45 +74,39 @@ def assert_states_equal(one, two, where=''):
 # Two processes with gloo
 # ---------------------------------------------------------------------------------------------
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+def _rank_worker(rank: int, argv: list[str], out_dir: str, stop_at: int = 0) -> None:
+    """Run ``main_cifar100.main(argv)`` as one rank and save its model to out_dir.
 
-
-def _rank_worker(rank: int, port: int, argv: list[str], out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo')
-    torch.set_num_threads(1)
+    With ``stop_at`` > 0, rank 1 sends itself SIGTERM during its ``stop_at``-th step, as a
+    scheduler would.
+    """
     warnings.simplefilter('ignore')
-    # Keep this rank's model after training, to compare the ranks.
     train = cifar_training.train
+    step = cifar_training.step_with_orthogonal_update
+    steps_done = 0
+
+    def step_and_signal(*args):
+        nonlocal steps_done
+        result = step(*args)
+        steps_done += 1
+        if rank == 1 and steps_done == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
 
     def recording_train(run, *args):
         result = train(run, *args)
         torch.save(run.model.state_dict(), f'{out_dir}/rank{rank}.pt')
         return result
 
+    cifar_training.step_with_orthogonal_update = step_and_signal
     main_cifar100.train = recording_train
     assert main_cifar100.main(argv) == 0
 
 
-def _run_two_ranks(argv: list[str], out_dir: Path) -> list[dict]:
-    """Run ``main_cifar100.main(argv)`` in 2 forked gloo processes; return each rank's model."""
-    # fork reuses the imported torch (spawn re-imports it in each child, many seconds here).
-    start_method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    context = mp.start_processes(_rank_worker, args=(_free_loopback_port(), argv, str(out_dir)),
-                                 nprocs=WORLD_SIZE, join=False, start_method=start_method)
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f'the {WORLD_SIZE} training processes did not finish in 120 s')
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+def _run_two_ranks(argv: list[str], out_dir: Path, stop_at: int = 0) -> list[dict]:
+    """Run ``main_cifar100.main(argv)`` in 2 gloo processes; return each rank's model."""
+    exit_codes = run_two_ranks(_rank_worker, argv, str(out_dir), stop_at)
+    assert exit_codes == [0] * WORLD_SIZE, f"exit codes {exit_codes}"
     return [torch.load(out_dir / f'rank{r}.pt', weights_only=True) for r in range(WORLD_SIZE)]
 
 
@@ -328,3 +318,51 @@ def test_sigterm_to_process_group_with_workers(cifar_root, tmp_path):
     assert 'killed by signal' not in stderr, stderr[-2000:]
     state = load_checkpoint(run_dir / 'last.pt')
     assert state['global_step'] > 8, f"checkpoint at step {state['global_step']}"
+
+
+# 2 processes, 2 steps per epoch, 2 epochs; rank 1 receives SIGTERM in step 3 (epoch 2).
+TWO_RANK_STOP = ['--sync_cov', '--epochs', '2', '--max_batches', '2', '--lr_step', '1',
+                 '--lr_gamma', '0.5', '--recompute_stats', 'off']
+TWO_RANK_STOP_AT = 3
+
+
+@pytest.fixture(scope='module')
+def stopped_two_ranks(cifar_root, tmp_path_factory):
+    """An uninterrupted 2-process run, and one that rank 1's SIGTERM stops, then resumed."""
+    logs = tmp_path_factory.mktemp('stop_runs')
+    _run_two_ranks(tiny_args(cifar_root, logs / 'whole', *TWO_RANK_STOP),
+                   tmp_path_factory.mktemp('whole'))
+    stopped = _run_two_ranks(tiny_args(cifar_root, logs / 'split', *TWO_RANK_STOP),
+                             tmp_path_factory.mktemp('stopped'), stop_at=TWO_RANK_STOP_AT)
+    stopped_state = load_checkpoint(logs / 'split' / 'last.pt')
+    _run_two_ranks(tiny_args(cifar_root, logs / 'split', *TWO_RANK_STOP, '--resume'),
+                   tmp_path_factory.mktemp('resumed'))
+    return logs, stopped, stopped_state
+
+
+def test_sigterm_to_one_rank_stops_both(stopped_two_ranks):
+    # Both ranks exited 0 (checked when they ran) after the same step, and rank 0 saved
+    # the position: epoch 1 done, 1 step of epoch 2.
+    _, (rank0, rank1), state = stopped_two_ranks
+    assert_states_equal(rank0, rank1, 'model after the stop')
+    assert_states_equal(state['model'], rank0, 'checkpoint against rank 0')
+    assert state['global_step'] == TWO_RANK_STOP_AT, state['global_step']
+    assert state['epoch'] == 1 and state['epoch_sums']['steps'] == 1, (
+        state['epoch'], state['epoch_sums'])
+    assert len(state['rank_states']) == WORLD_SIZE
+
+
+def test_two_rank_stop_and_resume_equals_uninterrupted(stopped_two_ranks):
+    logs, _, _ = stopped_two_ranks
+    whole, split = load_checkpoint(logs / 'whole' / 'last.pt'), load_checkpoint(
+        logs / 'split' / 'last.pt')
+    assert whole['global_step'] == split['global_step'] == 4
+    for key in ('model', 'optimizer', 'scheduler', 'orthogonal_update', 'rank_states',
+                'best_acc'):
+        assert_states_equal(whole[key], split[key], key)
+    records = [json.loads(line) for line in (logs / 'split' / 'stats.jsonl').open()]
+    expected = [json.loads(line) for line in (logs / 'whole' / 'stats.jsonl').open()]
+    assert [r['epoch'] for r in records] == [1, 2]
+    for got, want in zip(records, expected):
+        for key in ('step', 'train_loss', 'train_acc', 'test_acc', 'lr', 'olr_eta'):
+            assert got[key] == want[key], f"epoch {got['epoch']} {key}: {got[key]} != {want[key]}"

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,23 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eigengan import trainer
 from eigengan.state import build_models, build_state
 from models.distributed import DistContext
 from models.runs import UserError, load_checkpoint
 from test_images import make_image_folder
+from two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD_SIZE = 2
 # Tiny networks on 32-pixel images; --batch 4 is 2 images per rank. The 10 readable images
 # give 2 steps per epoch, so 3 steps cross an epoch boundary. R1 runs at steps 0 and 2.
 TINY = ['--size', '32', '--batch', '4', '--n_basis', '3', '--noise_dim', '8',
         '--base_channels', '4', '--max_channels', '8', '--n_workers', '0', '--n_sample', '4',
         '--d_reg_every', '2', '--device', 'cpu', '--reg_type', 'nog_olr']
-TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
-                      'MASTER_PORT')
 
 
 @pytest.fixture(autouse=True)
@@ -86,26 +82,31 @@ def assert_equal_states(a, b, where=''):
 # Two processes with gloo
 # ---------------------------------------------------------------------------------------------
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+def _rank_worker(rank: int, argv: list[str], out_dir: str, stop_at: int = 0) -> None:
+    """Run ``trainer.main(argv)`` as one rank and save its training state to out_dir.
 
-
-def _rank_worker(rank: int, port: int, argv: list[str], out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo')
-    torch.set_num_threads(1)
+    With ``stop_at`` > 0, rank 1 sends itself SIGTERM during its ``stop_at``-th
+    discriminator step, as a scheduler would.
+    """
     warnings.simplefilter('ignore')
     # Keep this rank's training state, to compare the ranks after training.
     built = []
+    d_step = trainer.d_step
+    d_steps = 0
 
     def recording_build_state(*args):
         built.append(build_state(*args))
         return built[-1]
 
+    def d_step_and_signal(*args):
+        nonlocal d_steps
+        d_steps += 1
+        if rank == 1 and d_steps == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return d_step(*args)
+
     trainer.build_state = recording_build_state
+    trainer.d_step = d_step_and_signal
     trainer.main(argv, size=256)
     s = built[0]
     torch.save({'G': s.G.state_dict(), 'D': s.D.state_dict(), 'G_ema': s.G_ema.state_dict(),
@@ -113,21 +114,11 @@ def _rank_worker(rank: int, port: int, argv: list[str], out_dir: str) -> None:
                 'torch_rng': torch.get_rng_state()}, f'{out_dir}/rank{rank}.pt')
 
 
-def _run_two_ranks(argv: list[str], out_dir: Path) -> list[dict]:
-    """Run ``trainer.main(argv)`` in 2 forked gloo processes; return each rank's final state."""
-    # fork reuses the imported torch (spawn re-imports it in each child, many seconds here).
-    start_method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    context = mp.start_processes(_rank_worker, args=(_free_loopback_port(), argv, str(out_dir)),
-                                 nprocs=WORLD_SIZE, join=False, start_method=start_method)
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f'the {WORLD_SIZE} training processes did not finish in 120 s')
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+def _run_two_ranks(argv: list[str], out_dir: Path, stop_at: int = 0) -> list[dict]:
+    """Run ``trainer.main(argv)`` in 2 gloo processes; return each rank's final state."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exit_codes = run_two_ranks(_rank_worker, argv, str(out_dir), stop_at)
+    assert exit_codes == [0] * WORLD_SIZE, f"exit codes {exit_codes}"
     return [torch.load(out_dir / f'rank{r}.pt', weights_only=True) for r in range(WORLD_SIZE)]
 
 
@@ -187,6 +178,31 @@ def test_two_rank_resume_is_exact(two_ranks):
     assert a['step'] == b['step'] == 3
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim', 'orth_update', 'rng_per_rank'):
         assert_equal_states(a[key], b[key], key)
+
+
+def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(two_ranks, data_dir, tmp_path):
+    # Rank 1 receives SIGTERM in step 1 of 3: both ranks stop after it and exit 0 (checked
+    # when they ran), rank 0 writes last.pt only, and the resumed run ends as the
+    # uninterrupted one.
+    run_dir, _ = two_ranks
+    argv = run_argv(data_dir, tmp_path, 'stopped', '--steps', '3', '--ckpt_every', '2')
+    rank0, rank1 = _run_two_ranks(argv, tmp_path / 'stopped_ranks', stop_at=1)
+    for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim'):
+        assert_equal_states(rank0[key], rank1[key], key)
+    stopped = tmp_path / 'stopped' / 'checkpoints'
+    assert sorted(p.name for p in stopped.iterdir()) == ['last.pt']
+    state = load_checkpoint(stopped / 'last.pt')
+    assert (state['step'], state['finished']) == (1, False), (state['step'], state['finished'])
+    assert_equal_states(state['G'], rank0['G'], 'G')
+
+    _run_two_ranks(run_argv(data_dir, tmp_path, 'stopped', '--steps', '3', '--ckpt_every', '2',
+                            '--ckpt', str(stopped / 'last.pt')), tmp_path / 'resumed_ranks')
+    a = load_checkpoint(run_dir / 'checkpoints' / 'last.pt')
+    b = load_checkpoint(stopped / 'last.pt')
+    assert a['step'] == b['step'] == 3
+    for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim', 'orth_update', 'rng_per_rank'):
+        assert_equal_states(a[key], b[key], key)
+    assert [r['step'] for r in read_stats(tmp_path / 'stopped')] == [1, 2, 3]
 
 
 def test_ranks_split_each_global_batch():
