@@ -22,7 +22,7 @@ import main_cifar100
 from cifar_folders import write_cifar100_folder
 from models import cifar_training
 from models.runs import UserError, load_checkpoint
-from two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
+from tests.two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 processes against 1 on the same global batches. In float32 the weights differed by up to
@@ -153,8 +153,8 @@ def test_two_ranks_match_one_process(two_ranks):
         difference = (tensor - two['model'][name]).abs().max().item()
         assert difference <= SPLIT_ATOL, f"{name}: max difference {difference:.2e}"
     assert_states_equal(two['model'], rank0, 'rank 0 model against its checkpoint')
-    record_one, = [json.loads(line) for line in (logs / 'one' / 'stats.jsonl').open()]
-    record_two, = [json.loads(line) for line in (logs / 'two' / 'stats.jsonl').open()]
+    record_one, = [json.loads(line) for line in (logs / 'one' / 'stats.jsonl').read_text().splitlines()]
+    record_two, = [json.loads(line) for line in (logs / 'two' / 'stats.jsonl').read_text().splitlines()]
     assert record_two['train_loss'] == pytest.approx(record_one['train_loss'], abs=1e-9)
     assert record_two['train_acc'] == record_one['train_acc']
 
@@ -210,7 +210,7 @@ def test_autocast_trains_with_finite_losses(cifar_root, tmp_path, amp):
     argv = tiny_args(cifar_root, run_dir, '--amp', amp, '--channels_last', '--epochs', '1',
                      '--max_batches', '1', '--recompute_stats', 'off')
     assert main_cifar100.main(argv) == 0
-    record, = [json.loads(line) for line in (run_dir / 'stats.jsonl').open()]
+    record, = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     for key in ('train_loss', 'test_loss', 'kappa'):
         assert np.isfinite(record[key]), f"{key} {record[key]}"
     state = load_checkpoint(run_dir / 'last.pt')
@@ -233,7 +233,8 @@ SIGTERM_RUN = ['--epochs', '2', '--lr_step', '1', '--lr_gamma', '0.5', '--recomp
 
 # NOTE: this test failed twice in about 15 runs, both while a long torch.compile job loaded
 # the machine: the resumed weights differed from the uninterrupted ones. The cause is not
-# known. Stops raised in-process at each of steps 3 and 9 to 16 resumed bit for bit.
+# known. Stops raised in-process at each of steps 3 and 9 to 16 resumed bit for bit, and 8
+# later runs beside two busy-loop processes (load about 4 on 2 cores) all passed.
 def test_sigterm_mid_epoch_and_resume_is_exact(cifar_root, tmp_path):
     stopped = tmp_path / 'stopped'
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
@@ -280,8 +281,8 @@ def test_sigterm_mid_epoch_and_resume_is_exact(cifar_root, tmp_path):
     for key in ('model', 'optimizer', 'scheduler', 'orthogonal_update', 'rng',
                 'loader_generator', 'best_acc'):
         assert_states_equal(one[key], two[key], f"{key} (stopped after step {8 + steps})")
-    records = [json.loads(line) for line in (stopped / 'stats.jsonl').open()]
-    expected = [json.loads(line) for line in (straight / 'stats.jsonl').open()]
+    records = [json.loads(line) for line in (stopped / 'stats.jsonl').read_text().splitlines()]
+    expected = [json.loads(line) for line in (straight / 'stats.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2]
     for got, want in zip(records, expected):
         for key in ('step', 'train_loss', 'train_acc', 'test_acc', 'lr', 'olr_eta'):
@@ -360,8 +361,8 @@ def test_two_rank_stop_and_resume_equals_uninterrupted(stopped_two_ranks):
     for key in ('model', 'optimizer', 'scheduler', 'orthogonal_update', 'rank_states',
                 'best_acc'):
         assert_states_equal(whole[key], split[key], key)
-    records = [json.loads(line) for line in (logs / 'split' / 'stats.jsonl').open()]
-    expected = [json.loads(line) for line in (logs / 'whole' / 'stats.jsonl').open()]
+    records = [json.loads(line) for line in (logs / 'split' / 'stats.jsonl').read_text().splitlines()]
+    expected = [json.loads(line) for line in (logs / 'whole' / 'stats.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2]
     for got, want in zip(records, expected):
         for key in ('step', 'train_loss', 'train_acc', 'test_acc', 'lr', 'olr_eta'):

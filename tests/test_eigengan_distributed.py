@@ -22,7 +22,7 @@ from eigengan.state import build_models, build_state
 from models.distributed import DistContext
 from models.runs import UserError, load_checkpoint
 from test_images import make_image_folder
-from two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
+from tests.two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny networks on 32-pixel images; --batch 4 is 2 images per rank. The 10 readable images

@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from models.runs import UserError, load_checkpoint
 from simple_gan import train
@@ -23,8 +20,8 @@ from simple_gan.devices import gpu_ids_flag
 from simple_gan.trainer import build_training, generator_step, train_step
 from tests.test_simple_gan import TINY, assert_same_state, tiny_args, write_faces
 from tests.test_simple_gan import one_thread  # noqa: F401  (autouse fixture)
+from tests.two_ranks import WORLD_SIZE, run_two_ranks
 
-WORLD_SIZE = 2
 N_IMAGES = 8
 # Global batch 4: 2 images per rank, 2 steps per epoch, so 5 steps cross two epoch ends.
 STEPS = 5
@@ -45,21 +42,11 @@ def run_argv(faces: Path, checkpoints_dir: Path, name: str, *extra: str) -> list
             *extra]
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def _rank_worker(rank: int, port: int, argv: list[str], out_dir: str, stop_at: int) -> None:
+def _rank_worker(rank: int, argv: list[str], out_dir: str, stop_at: int) -> None:
     """Run train.main as one torchrun rank; save this rank's final state to out_dir.
 
     With ``stop_at`` > 0, rank 1 sends itself SIGTERM during that step, as a scheduler would.
     """
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo')
-    torch.set_num_threads(1)
 
     def step_and_signal(t, real_img, args):
         record = train_step(t, real_img, args)
@@ -83,27 +70,16 @@ def _rank_worker(rank: int, port: int, argv: list[str], out_dir: str, stop_at: i
     Path(out_dir, f'status{rank}.json').write_text(json.dumps(status))
 
 
-def run_two_ranks(argv: list[str], out_dir: Path, stop_at: int = 0,
-                  timeout: float = 120.0) -> list[dict]:
+def train_two_ranks(argv: list[str], out_dir: Path, stop_at: int = 0,
+                    timeout: float = 120.0) -> list[dict]:
     """Fork 2 ranks running ``argv``; return each rank's captured state and exit status."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(_rank_worker,
-                                 args=(_free_loopback_port(), argv, str(out_dir), stop_at),
-                                 nprocs=WORLD_SIZE, join=False, start_method='fork')
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD_SIZE} gloo processes did not finish in {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    exit_codes = run_two_ranks(_rank_worker, argv, str(out_dir), stop_at, timeout=timeout)
     results = []
-    for rank, process in enumerate(context.processes):
+    for rank, exit_code in enumerate(exit_codes):
         result = torch.load(out_dir / f'rank{rank}.pt', weights_only=True)
         result['status'] = json.loads((out_dir / f'status{rank}.json').read_text())
-        result['exitcode'] = process.exitcode
+        result['exitcode'] = exit_code
         results.append(result)
     return results
 
@@ -111,17 +87,15 @@ def run_two_ranks(argv: list[str], out_dir: Path, stop_at: int = 0,
 @pytest.fixture(scope='module')
 def runs(faces, tmp_path_factory) -> dict:
     """An uninterrupted 2-rank run of STEPS steps, and one stopped by SIGTERM then resumed."""
-    if 'fork' not in mp.get_all_start_methods():
-        pytest.skip('the 2-process tests fork the test process')
     tmp = tmp_path_factory.mktemp('two_ranks')
     ck = tmp / 'ck'
-    whole = run_two_ranks(run_argv(faces, ck, 'whole', '--max_steps', str(STEPS)),
-                          tmp / 'out_whole')
-    stopped = run_two_ranks(run_argv(faces, ck, 'split', '--max_steps', str(STEPS)),
-                            tmp / 'out_stopped', stop_at=STOP_AT)
+    whole = train_two_ranks(run_argv(faces, ck, 'whole', '--max_steps', str(STEPS)),
+                            tmp / 'out_whole')
+    stopped = train_two_ranks(run_argv(faces, ck, 'split', '--max_steps', str(STEPS)),
+                              tmp / 'out_stopped', stop_at=STOP_AT)
     stopped_state = load_checkpoint(ck / 'split' / 'latest.pt')
-    resumed = run_two_ranks(run_argv(faces, ck, 'split', '--max_steps', str(STEPS),
-                                     '--continue_train'), tmp / 'out_resumed')
+    resumed = train_two_ranks(run_argv(faces, ck, 'split', '--max_steps', str(STEPS),
+                                       '--continue_train'), tmp / 'out_resumed')
     return {'ck': ck, 'whole': whole, 'stopped': stopped, 'stopped_state': stopped_state,
             'resumed': resumed}
 
@@ -148,7 +122,7 @@ def test_rank0_writes_one_run_folder(runs):
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == ['config.json', 'epoch_0001.pt', 'epoch_0002.pt', 'images', 'latest.pt',
                      'stats.jsonl', 'tb'], f"run folder contains {names}"
-    steps = [json.loads(line)['step'] for line in (run_dir / 'stats.jsonl').open()]
+    steps = [json.loads(line)['step'] for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1)), f"stats.jsonl steps {steps}"
     assert len(list((run_dir / 'images').iterdir())) == 1
     assert len(list(runs['ck'].iterdir())) == 2, "a run folder per run, none per rank"
@@ -172,7 +146,7 @@ def test_stopped_and_resumed_equals_uninterrupted(runs):
     split = load_checkpoint(runs['ck'] / 'split' / 'latest.pt')
     for key in STATE_KEYS:
         assert_same_state(whole[key], split[key], key)
-    steps = [json.loads(line)['step'] for line in (runs['ck'] / 'split' / 'stats.jsonl').open()]
+    steps = [json.loads(line)['step'] for line in (runs['ck'] / 'split' / 'stats.jsonl').read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1)), f"stats.jsonl steps {steps}"
 
 
@@ -230,7 +204,7 @@ def test_autocast_trains_with_finite_losses(faces, tmp_path, amp, reg_type):
     argv = run_argv(faces, tmp_path, 'run', '--max_steps', '3', '--amp', amp)
     argv[argv.index('--reg_type') + 1] = reg_type
     assert train.main(argv) == 0
-    records = [json.loads(line) for line in (tmp_path / 'run' / 'stats.jsonl').open()]
+    records = [json.loads(line) for line in (tmp_path / 'run' / 'stats.jsonl').read_text().splitlines()]
     assert len(records) == 3, f"{len(records)} records"
     for key in ('loss_D', 'loss_D_gp', 'loss_G', 'loss_G_reg'):
         values = [record[key] for record in records]
