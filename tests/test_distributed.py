@@ -4,32 +4,22 @@ The multi-process tests start 2 processes with gloo on 127.0.0.1, once per modul
 what they saved with a single-process run in the test process.
 """
 import json
-import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from models import distributed, orthogonality, zca
 from models.amp import make_grad_scaler, step_with_orthogonal_update
 from models.runs import UserError
+from tests.two_ranks import WORLD_SIZE, run_two_ranks
 
-WORLD_SIZE = 2
 GLOBAL_BATCH = 8
 STEPS = 3
 LR = 0.05
 # float64 throughout: the 2-process and 1-process runs differ only in the summation order.
 MATCH_TOL = 1e-9
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def _tiny_model() -> nn.Sequential:
@@ -64,11 +54,7 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None
         assert step_with_orthogonal_update(loss, optimizer, scaler, update, base_lr=LR)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo')
-    torch.set_num_threads(1)
+def _worker(rank: int, out_dir: str) -> None:
     ctx = distributed.init_distributed('auto')
     images, labels = _global_batches()
     per_rank = distributed.per_rank_batch(GLOBAL_BATCH, ctx.world_size)
@@ -112,23 +98,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     distributed.cleanup()
 
 
-def _spawn_and_wait(out_dir: str, timeout: float = 120.0) -> None:
-    # fork reuses the imported torch: with spawn each child re-imports it, which took about
-    # 30 s instead of 4 s on a loaded 2-core machine. The children run one thread each.
-    start_method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    context = mp.start_processes(_worker, args=(_free_loopback_port(), out_dir),
-                                 nprocs=WORLD_SIZE, join=False, start_method=start_method)
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD_SIZE} gloo processes did not finish in {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-
-
 @pytest.fixture(scope='module')
 def single_process_state():
     """The same training on the whole global batch in one process, without synchronisation."""
@@ -146,7 +115,8 @@ def two_ranks(tmp_path_factory, single_process_state):
     the first optimizer imports (torch._dynamo, seconds to load).
     """
     out_dir = tmp_path_factory.mktemp('ddp')
-    _spawn_and_wait(str(out_dir))
+    exit_codes = run_two_ranks(_worker, str(out_dir))
+    assert exit_codes == [0] * WORLD_SIZE, f"exit codes {exit_codes}"
 
     def load(name: str) -> dict:
         return torch.load(out_dir / name, weights_only=True)
