@@ -32,14 +32,15 @@ from eigengan.model import d_loss, g_loss, orthogonality_penalty
 from eigengan.state import GANState, build_state, resume, write_checkpoint
 from models.amp import add_amp_argument, autocast, check_amp, scaled_backward, step_optimizer
 from models.distributed import (DistContext, all_reduce_mean, any_rank, average_gradients,
-                                broadcast_module, cleanup, init_distributed, per_rank_batch,
-                                rank_seed, torchrun_environment)
+                                barrier, broadcast_module, cleanup, init_distributed,
+                                per_rank_batch, rank_seed, torchrun_environment)
 from models.gan import diff_augment, infinite_loader, r1_penalty, save_image_grid
 from models.images import ImageFolderDataset
 from models.orthogonality import orthogonality_error
 from models.preemption import (PreemptionHandler, ignore_stop_signals,
                                make_resumable_sampler, resume_position)
-from models.runs import REPO_ROOT, RunLogger, UserError, prepare_run_dir, seed_everything
+from models.runs import (REPO_ROOT, RunLogger, UserError, prepare_run_dir, scratch_run_dir,
+                         seed_everything)
 
 REG_TYPES = ('nog', 'olr', 'nog_olr', 'ol', 'none')
 ADV_LOSSES = ('hinge', 'non_saturating', 'lsgan')
@@ -108,7 +109,9 @@ def build_parser(description: str, size: int) -> argparse.ArgumentParser:
                         help='store the convolution weights of G and D in channels-last '
                              'memory format (faster convolutions on recent GPUs)')
     system.add_argument('--seed', type=int, default=0, help='random seed')
-    system.add_argument('--dry_run', action='store_true', help='train one step and exit')
+    system.add_argument('--dry_run', action='store_true',
+                        help='train one step in a temporary run folder, removed at the end, '
+                             'and exit')
     return parser
 
 
@@ -247,7 +250,8 @@ def open_run_folder(args, ctx: DistContext, run_dir: Path, dataset, argv):
         try:
             # Built before the run folder, so that missing Inception weights leave nothing.
             fid = FIDMonitor(args, dataset, ctx.device) if args.fid else None
-            prepare_run_dir(run_dir, resume=args.ckpt is not None, args=args, argv=argv,
+            prepare_run_dir(run_dir, resume=args.ckpt is not None and not args.dry_run,
+                            args=args, argv=argv,
                             family='eigengan', dataset=args.data.resolve().name,
                             method=METHOD_NAMES[args.reg_type], resume_flag='--ckpt')
         except UserError as err:
@@ -268,8 +272,20 @@ class RunOutputs:
 
 
 def train(args, ctx: DistContext, argv: list[str] | None = None) -> Path:
-    """Run the training loop; return the run folder. ``argv`` is recorded in config.json."""
+    """Run the training loop; return the run folder. ``argv`` is recorded in config.json.
+
+    A dry run writes its run folder into a temporary directory that is removed at the end.
+    """
     run_dir = run_folder(args)
+    with scratch_run_dir(run_dir, args.dry_run) as out_dir:
+        train_into(args, ctx, argv, out_dir)
+        # Rank 0 removes a dry run's folder only when every rank is done with it.
+        barrier(ctx)
+    return run_dir
+
+
+def train_into(args, ctx: DistContext, argv: list[str] | None, run_dir: Path) -> None:
+    """Train with ``run_dir`` as the run folder (see ``train``)."""
     per_batch = per_rank_batch(args.batch, ctx.world_size, '--batch')
     dataset = ImageFolderDataset(args.data, size=args.size, flip=True)
     fid = open_run_folder(args, ctx, run_dir, dataset, argv)
@@ -297,7 +313,6 @@ def train(args, ctx: DistContext, argv: list[str] | None = None) -> Path:
         # Closing the iterator shuts the loader workers down at once, also after an error.
         batches.close()
         logger.close()
-    return run_dir
 
 
 def train_loop(args, ctx: DistContext, s: GANState, batches, start: int, per_epoch: int,
@@ -414,6 +429,9 @@ def main(argv: list[str] | None = None, size: int = 256,
         run_dir = train(args, ctx, argv)
     finally:
         cleanup()
-    if ctx.is_main:
+    if ctx.is_main and args.dry_run:
+        print(f'dry run: one step ran; the run folder was temporary and has been removed, '
+              f'{run_dir} is untouched')
+    elif ctx.is_main:
         print(f'run folder: {run_dir}')
     return 0

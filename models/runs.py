@@ -26,10 +26,11 @@ import random
 import secrets
 import subprocess
 import sys
+import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -335,6 +336,20 @@ def environment_versions() -> dict:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+
+@contextlib.contextmanager
+def scratch_run_dir(run_dir: Path, dry_run: bool) -> Iterator[Path]:
+    """Yield ``run_dir``, or for a dry run a folder of that name in a temporary directory.
+
+    A dry run writes what a real run writes, but the temporary directory is removed at the
+    end, so the dry run leaves no folder that a later real run would have to resume.
+    """
+    if not dry_run:
+        yield run_dir
+        return
+    with tempfile.TemporaryDirectory(prefix='dry_run_') as scratch:
+        yield Path(scratch) / run_dir.name
 
 
 def prepare_run_dir(run_dir: str | Path, resume: bool, args: argparse.Namespace,

@@ -44,7 +44,7 @@ from models.distributed import (DistContext, all_reduce_mean, barrier,  # noqa: 
 from models.gan import save_image_grid  # noqa: E402
 from models.preemption import PreemptionHandler, ignore_stop_signals  # noqa: E402
 from models.runs import (RunLogger, load_checkpoint, prepare_run_dir,  # noqa: E402
-                         run_main, seed_everything)
+                         run_main, scratch_run_dir, seed_everything)
 from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
 from simple_gan.devices import resolve_context  # noqa: E402
 from simple_gan.losses import GAN_MODES  # noqa: E402
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                              'to rounding')
     system.add_argument('--seed', type=int, default=0, help='random seed')
     system.add_argument('--dry_run', action='store_true',
-                        help='run two steps, save a sample grid and latest.pt, and exit')
+                        help='run two steps in a temporary run folder, removed at the end, '
+                             'and exit')
     return parser
 
 
@@ -219,7 +220,9 @@ def train(t: GANTraining, loader: DataLoader, run_dir: Path, logger: RunLogger,
     checkpoints and the stop check are collectives.
     """
     last_epoch = t.first_epoch + args.n_epochs + args.n_epochs_decay - 1
-    max_steps = 2 if args.dry_run else args.max_steps
+    # The step to stop at: --max_steps counts from step 0, a dry run's two steps from the
+    # resumed step. 0 means no limit.
+    max_steps = t.step + 2 if args.dry_run else args.max_steps
     z_fixed = torch.randn(N_FIXED_SAMPLES, args.nz,
                           generator=torch.Generator().manual_seed(args.seed)).to(t.device)
     per_batch = loader.batch_size
@@ -254,7 +257,7 @@ def train(t: GANTraining, loader: DataLoader, run_dir: Path, logger: RunLogger,
             # Stop early on --max_steps, --dry_run or a signal. Every rank checks every step,
             # so all of them stop after the same step even when one rank got the signal.
             stop = preemption.stop_requested(t.ctx)
-            if stop or t.step == max_steps:
+            if stop or (max_steps and t.step >= max_steps):
                 t.save(run_dir / 'latest.pt')
                 if stop:
                     return preemption.signal_name or 'a signal to another rank'
@@ -278,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, ctx: DistContext) -> int:
-    """Set up the data, the run folder and the training state, then train until a stop."""
+    """Set up the data, the run folder and the training state, then train until a stop.
+
+    A dry run writes its run folder into a temporary directory that is removed at the end;
+    with --continue_train it starts from the real run folder's latest.pt and leaves it as is.
+    """
     check_amp(args.amp, ctx.device)
     per_batch = per_rank_batch(args.batch_size, ctx.world_size, '--batch_size')
     method = method_of(args.reg_type)
@@ -289,38 +296,51 @@ def run(args: argparse.Namespace, argv: list[str] | None, ctx: DistContext) -> i
     seed_everything(args.seed)
     dataset = make_dataset(args.dataset_mode, args.dataroot, IMAGE_SIZES[args.model],
                            args.max_dataset_size)
-    if ctx.is_main:
-        run_dir = prepare_run_dir(run_dir, args.continue_train, args, argv, family='simple_gan',
-                                  dataset=args.dataset_mode, method=method,
-                                  resume_flag='--continue_train')
-    barrier(ctx)
-    checkpoint = None
-    if args.continue_train:
-        if (run_dir / 'latest.pt').is_file():
-            # Loaded to the CPU: load_state_dict copies the weights and optimizer states to the
-            # device, and the saved random states must stay CPU tensors for set_rng_state.
-            checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location='cpu')
+    with scratch_run_dir(run_dir, args.dry_run) as out_dir:
+        if ctx.is_main:
+            prepare_run_dir(out_dir, args.continue_train and not args.dry_run, args, argv,
+                            family='simple_gan', dataset=args.dataset_mode, method=method,
+                            resume_flag='--continue_train')
+        barrier(ctx)
+        checkpoint = None
+        if args.continue_train:
+            if (run_dir / 'latest.pt').is_file():
+                # Loaded to the CPU: load_state_dict copies the weights and optimizer states
+                # to the device, and the saved random states must stay CPU tensors for
+                # set_rng_state.
+                checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location='cpu')
+                if ctx.is_main:
+                    print(f"resuming {run_dir} at step {checkpoint['step']}, "
+                          f"epoch {checkpoint['epoch']}")
+            elif ctx.is_main:
+                print(f"{run_dir} has no latest.pt yet; starting from step 0")
+        if checkpoint and args.max_steps and checkpoint['step'] >= args.max_steps \
+                and not args.dry_run:
             if ctx.is_main:
-                print(f"resuming {run_dir} at step {checkpoint['step']}, "
-                      f"epoch {checkpoint['epoch']}")
-        elif ctx.is_main:
-            print(f"{run_dir} has no latest.pt yet; starting from step 0")
-    t = build_training(args, len(dataset), ctx.device, checkpoint, ctx)
-    loader = DataLoader(dataset, batch_size=per_batch, sampler=t.sampler,
-                        num_workers=args.num_threads, pin_memory=ctx.device.type == 'cuda',
-                        drop_last=False,
-                        generator=torch.Generator().manual_seed(rank_seed(args.seed, ctx.rank)),
-                        worker_init_fn=ignore_stop_signals)
+                print(f"{run_dir} is already at step {checkpoint['step']}, --max_steps "
+                      f"{args.max_steps}; raise --max_steps to continue it")
+            return 0
+        t = build_training(args, len(dataset), ctx.device, checkpoint, ctx)
+        loader = DataLoader(dataset, batch_size=per_batch, sampler=t.sampler,
+                            num_workers=args.num_threads, pin_memory=ctx.device.type == 'cuda',
+                            drop_last=False,
+                            generator=torch.Generator().manual_seed(rank_seed(args.seed,
+                                                                              ctx.rank)),
+                            worker_init_fn=ignore_stop_signals)
 
-    purge_step = t.step + 1 if checkpoint is not None else None
-    with RunLogger(run_dir, purge_step=purge_step, enabled=ctx.is_main,
-                   purge_key='step') as logger, PreemptionHandler() as preemption:
-        reason = train(t, loader, run_dir, logger, args, preemption)
-    if reason == 'finished':
-        t.save(run_dir / 'latest.pt')
-    if ctx.is_main:
+        purge_step = t.step + 1 if checkpoint is not None else None
+        with RunLogger(out_dir, purge_step=purge_step, enabled=ctx.is_main,
+                       purge_key='step') as logger, PreemptionHandler() as preemption:
+            reason = train(t, loader, out_dir, logger, args, preemption)
+        if reason == 'finished':
+            t.save(out_dir / 'latest.pt')
+        barrier(ctx)
+    if ctx.is_main and args.dry_run:
+        print(f"dry run: {t.step - (checkpoint or {}).get('step', 0)} steps ran; the run folder "
+              f"was temporary and has been removed, {run_dir} is untouched")
+    elif ctx.is_main:
         print(f"stopped ({reason}) at step {t.step}, epoch {t.epoch}; "
-              f"checkpoint {run_dir / 'latest.pt'}")
+              f"checkpoint {out_dir / 'latest.pt'}")
     return 0
 
 

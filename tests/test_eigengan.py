@@ -311,4 +311,6 @@ def test_published_command_from_eigengan_folder(data_dir, tmp_path):
     result = subprocess.run(command, cwd=REPO / 'eigengan', env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / 'anime_nog' / 'checkpoints' / '0000001.pt').is_file()
+    # A dry run writes its run folder into a temporary directory and removes it.
+    assert 'dry run: one step ran' in result.stdout, result.stdout[-2000:]
+    assert not (tmp_path / 'anime_nog').exists(), 'the dry run left a run folder'

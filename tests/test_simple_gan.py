@@ -267,11 +267,32 @@ def test_resume_equals_uninterrupted(faces, tmp_path):
 
 def test_existing_run_needs_continue_train(faces, tmp_path):
     argv = ['--dataset_mode', 'celeba', '--dataroot', str(faces), '--checkpoints_dir',
-            str(tmp_path), '--name', 'run', '--num_threads', '0', '--dry_run', *TINY]
+            str(tmp_path), '--name', 'run', '--num_threads', '0', '--max_steps', '1', *TINY]
     assert train.main(argv) == 0
     from models.runs import UserError
     with pytest.raises(UserError, match='--continue_train'):
         train.main(argv)
+
+
+def test_dry_run_leaves_no_run_folder(faces, tmp_path, capsys):
+    argv = ['--dataset_mode', 'celeba', '--dataroot', str(faces), '--checkpoints_dir',
+            str(tmp_path), '--name', 'run', '--num_threads', '0', *TINY]
+    assert train.main([*argv, '--dry_run']) == 0
+    assert not (tmp_path / 'run').exists(), 'the dry run left a run folder'
+    assert 'dry run: 2 steps ran' in capsys.readouterr().out
+
+    # A dry run of a resume trains 2 steps from latest.pt and leaves the run folder as it was.
+    assert train.main([*argv, '--max_steps', '1']) == 0
+    files = {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()}
+    assert train.main([*argv, '--continue_train', '--dry_run']) == 0
+    assert 'resuming' in capsys.readouterr().out
+    after = {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()}
+    assert after == files, 'the dry run changed the run folder'
+
+    # A run already at --max_steps says so and trains nothing.
+    assert train.main([*argv, '--continue_train', '--max_steps', '1']) == 0
+    assert 'raise --max_steps' in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / 'run' / 'latest.pt')['step'] == 1
 
 
 def test_published_command_parses():
