@@ -22,7 +22,10 @@ import main_cifar100
 from cifar_folders import write_cifar100_folder
 from models import cifar_training
 from models.runs import UserError, load_checkpoint
+from tests.state_checks import assert_states_equal
 from tests.two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 processes against 1 on the same global batches. In float32 the weights differed by up to
@@ -30,15 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 # add in another order. So the comparison runs in float64, where the largest difference
 # measured after 3 steps with NOG and OLR was below 1e-12.
 SPLIT_ATOL = 1e-9
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a loaded two-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -53,21 +47,6 @@ def tiny_args(cifar_root, run_dir, *extra):
             '--arch', 'resnet18', '--norm', 'zcanormbatch', '--nog', '--olr', '--lr', '0.02',
             '--batch_size', '4', '--workers', '0', '--no_progress', '--log_interval', '1',
             '--device', 'cpu', '--run_dir', str(run_dir), *extra]
-
-
-def assert_states_equal(one, two, where=''):
-    if isinstance(one, torch.Tensor):
-        assert torch.equal(one, two), f"{where}: max difference {(one - two).abs().max()}"
-    elif isinstance(one, dict):
-        assert one.keys() == two.keys(), f"{where}: keys {one.keys() ^ two.keys()}"
-        for key in one:
-            assert_states_equal(one[key], two[key], f'{where}/{key}')
-    elif isinstance(one, (list, tuple)):
-        assert len(one) == len(two), f"{where}: lengths {len(one)} and {len(two)}"
-        for index, (x, y) in enumerate(zip(one, two)):
-            assert_states_equal(x, y, f'{where}/{index}')
-    else:
-        assert one == two, f"{where}: {one!r} != {two!r}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,21 +17,15 @@ from eigengan.state import build_models, build_optimizers, build_state
 from models.orthogonality import optimal_learning_rate
 from models.runs import UserError, load_checkpoint, save_checkpoint
 from test_images import make_image_folder
+from tests.state_checks import assert_states_equal
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny networks on 32-pixel images: 3 blocks with 3 basis vectors each.
 TINY = ['--size', '32', '--batch', '3', '--n_basis', '3', '--noise_dim', '8',
         '--base_channels', '4', '--max_channels', '8', '--n_workers', '0', '--n_sample', '4',
         '--d_reg_every', '2', '--device', 'cpu']
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a loaded two-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -173,21 +167,6 @@ def test_olr_groups_and_learning_rates():
     assert g_optim.param_groups[0]['lr'] == args.lr, 'OLR must leave the other group alone'
 
 
-def _assert_equal_states(a, b, where=''):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f'{where}: max difference {(a - b).abs().max().item()}'
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f'{where}: keys {a.keys()} vs {b.keys()}'
-        for key in a:
-            _assert_equal_states(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal_states(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, f'{where}: {a} vs {b}'
-
-
 def test_resume_is_exact(data_dir, tmp_path):
     # Batch 3 of 10 images: the resume at step 2 falls inside an epoch; R1 runs at steps 0, 2.
     common = ('--reg_type', 'nog_olr', '--ckpt_every', '100')
@@ -199,7 +178,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     b = load_checkpoint(halves / 'checkpoints' / 'last.pt')
     assert a['step'] == b['step'] == 4
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim', 'orth_update', 'rng'):
-        _assert_equal_states(a[key], b[key], key)
+        assert_states_equal(a[key], b[key], key)
     steps = [json.loads(line)['step'] for line in (halves / 'stats.jsonl').read_text().splitlines()]
     assert steps == [1, 2, 3, 4], f'stats.jsonl steps {steps}'
 

@@ -22,7 +22,10 @@ from eigengan.state import build_models, build_state
 from models.distributed import DistContext
 from models.runs import UserError, load_checkpoint
 from test_images import make_image_folder
+from tests.state_checks import assert_states_equal
 from tests.two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny networks on 32-pixel images; --batch 4 is 2 images per rank. The 10 readable images
@@ -30,15 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ['--size', '32', '--batch', '4', '--n_basis', '3', '--noise_dim', '8',
         '--base_channels', '4', '--max_channels', '8', '--n_workers', '0', '--n_sample', '4',
         '--d_reg_every', '2', '--device', 'cpu', '--reg_type', 'nog_olr']
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a loaded two-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -61,21 +55,6 @@ def train(data_dir, logdir, name, *extra):
 
 def read_stats(run_dir):
     return [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
-
-
-def assert_equal_states(a, b, where=''):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f'{where}: max difference {(a - b).abs().max().item()}'
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f'{where}: keys {a.keys()} vs {b.keys()}'
-        for key in a:
-            assert_equal_states(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f'{where}: length {len(a)} vs {len(b)}'
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_states(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, f'{where}: {a} vs {b}'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +124,7 @@ def two_ranks(data_dir, tmp_path_factory):
 def test_ranks_end_with_identical_models(two_ranks):
     _, (rank0, rank1) = two_ranks
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim'):
-        assert_equal_states(rank0[key], rank1[key], key)
+        assert_states_equal(rank0[key], rank1[key], key)
 
 
 def test_ranks_draw_different_noise(two_ranks):
@@ -167,8 +146,8 @@ def test_rank0_writes_one_run_folder(two_ranks):
     assert len(state['rng_per_rank']) == WORLD_SIZE
     assert state['data_position'] == {'epoch': 1, 'batches_done_in_epoch': 1}
     assert state['finished'] is True
-    assert_equal_states(state['G'], rank0['G'], 'G')
-    assert_equal_states(state['G_ema'], rank0['G_ema'], 'G_ema')
+    assert_states_equal(state['G'], rank0['G'], 'G')
+    assert_states_equal(state['G_ema'], rank0['G_ema'], 'G_ema')
 
 
 def test_two_rank_resume_is_exact(two_ranks):
@@ -177,7 +156,7 @@ def test_two_rank_resume_is_exact(two_ranks):
     b = load_checkpoint(run_dir.with_name('two_resumed') / 'checkpoints' / 'last.pt')
     assert a['step'] == b['step'] == 3
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim', 'orth_update', 'rng_per_rank'):
-        assert_equal_states(a[key], b[key], key)
+        assert_states_equal(a[key], b[key], key)
 
 
 def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(two_ranks, data_dir, tmp_path):
@@ -188,12 +167,12 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(two_ranks, data_dir,
     argv = run_argv(data_dir, tmp_path, 'stopped', '--steps', '3', '--ckpt_every', '2')
     rank0, rank1 = _run_two_ranks(argv, tmp_path / 'stopped_ranks', stop_at=1)
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim'):
-        assert_equal_states(rank0[key], rank1[key], key)
+        assert_states_equal(rank0[key], rank1[key], key)
     stopped = tmp_path / 'stopped' / 'checkpoints'
     assert sorted(p.name for p in stopped.iterdir()) == ['last.pt']
     state = load_checkpoint(stopped / 'last.pt')
     assert (state['step'], state['finished']) == (1, False), (state['step'], state['finished'])
-    assert_equal_states(state['G'], rank0['G'], 'G')
+    assert_states_equal(state['G'], rank0['G'], 'G')
 
     _run_two_ranks(run_argv(data_dir, tmp_path, 'stopped', '--steps', '3', '--ckpt_every', '2',
                             '--ckpt', str(stopped / 'last.pt')), tmp_path / 'resumed_ranks')
@@ -201,7 +180,7 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(two_ranks, data_dir,
     b = load_checkpoint(stopped / 'last.pt')
     assert a['step'] == b['step'] == 3
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim', 'orth_update', 'rng_per_rank'):
-        assert_equal_states(a[key], b[key], key)
+        assert_states_equal(a[key], b[key], key)
     assert [r['step'] for r in read_stats(tmp_path / 'stopped')] == [1, 2, 3]
 
 
@@ -338,7 +317,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(data_dir, tmp_path):
     b = load_checkpoint(run / 'checkpoints' / 'last.pt')
     assert a['step'] == b['step'] == SIGTERM_STEPS
     for key in ('G', 'D', 'G_ema', 'g_optim', 'd_optim', 'orth_update', 'rng'):
-        assert_equal_states(a[key], b[key], key)
+        assert_states_equal(a[key], b[key], key)
     steps = [r['step'] for r in read_stats(run)]
     assert steps == list(range(1, SIGTERM_STEPS + 1)), f'stats.jsonl steps {steps}'
 

@@ -14,20 +14,14 @@ from cifar_folders import write_cifar100_folder
 from models.orthogonality import optimal_learning_rate
 from models.resnet import cifar_resnet
 from models.runs import UserError
+from tests.state_checks import assert_states_equal
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = "python main_cifar100.py --norm='zcanormbatch' --batch_size=128 --nog --olr --ow"
 STATS_KEYS = {'epoch', 'train_loss', 'train_acc', 'test_acc', 'test_acc_running', 'test_error',
               'kappa', 'kappa_raw', 'rank', 'lr', 'olr_eta', 'nog_skips', 'time'}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a loaded two-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -147,21 +141,6 @@ def test_olr_group_holds_pre_svd_param():
 
 def load_state(run_dir):
     return torch.load(run_dir / 'last.pt', weights_only=True)
-
-
-def assert_states_equal(one, two, where=''):
-    if isinstance(one, torch.Tensor):
-        assert torch.equal(one, two), f"{where}: max difference {(one - two).abs().max()}"
-    elif isinstance(one, dict):
-        assert one.keys() == two.keys(), f"{where}: keys {one.keys() ^ two.keys()}"
-        for key in one:
-            assert_states_equal(one[key], two[key], f'{where}/{key}')
-    elif isinstance(one, (list, tuple)):
-        assert len(one) == len(two), f"{where}: lengths {len(one)} and {len(two)}"
-        for index, (x, y) in enumerate(zip(one, two)):
-            assert_states_equal(x, y, f'{where}/{index}')
-    else:
-        assert one == two, f"{where}: {one!r} != {two!r}"
 
 
 def test_resume_equals_uninterrupted_run(cifar_root, tmp_path):

@@ -3,7 +3,6 @@ import importlib
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -20,6 +20,9 @@ from simple_gan import train
 from simple_gan.networks import Discriminator, Generator, sefa_directions, sefa_rotated
 from simple_gan.regularizers import hessian_penalty, orojar_penalty
 from simple_gan.trainer import REG_TYPES, build_training, generator_step
+from tests.state_checks import assert_states_equal
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'gan', '--width_mult', '0.015625', '--nz', '8', '--device', 'cpu',
@@ -37,18 +40,6 @@ def write_faces(folder: Path, n: int = 8, size=(218, 178)) -> Path:
         img[face] = rng.integers(0, 255, 3)
         Image.fromarray(img).save(folder / f'{i:03d}.jpg')
     return folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train with one intra-op thread (the subprocesses get OMP_NUM_THREADS=1).
-
-    On a loaded 2-core machine a second thread made these tiny steps up to 20 times slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope='module')
@@ -233,21 +224,6 @@ def test_train_each_reg_type(reg_type, source, faces, church_lmdb, tmp_path):
     assert len((run_dir / 'stats.jsonl').read_text().splitlines()) == 2
 
 
-def assert_same_state(a, b, where=''):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs (max diff {(a - b).abs().max()})"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where} keys {sorted(a)} vs {sorted(b)}"
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where} lengths {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
 def test_resume_equals_uninterrupted(faces, tmp_path):
     # 8 images, batch 3: 3 steps per epoch, so step 7 crosses two epoch ends (lr decay).
     common = ['--dataset_mode', 'celeba', '--dataroot', str(faces), '--reg_type', 'nog_olr',
@@ -261,7 +237,7 @@ def test_resume_equals_uninterrupted(faces, tmp_path):
     assert whole['step'] == 7, f"step {whole['step']}"
     assert whole['epoch'] == 3, f"epoch {whole['epoch']}"
     for key in ('G', 'D', 'opt_G', 'opt_D', 'sched_G', 'sched_D', 'orth', 'rng', 'data_order'):
-        assert_same_state(whole[key], split[key], key)
+        assert_states_equal(whole[key], split[key], key)
     assert whole['sched_G']['_last_lr'][0] < 2e-4, "lr decay never happened"
 
 

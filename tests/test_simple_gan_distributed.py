@@ -18,9 +18,11 @@ from models.runs import UserError, load_checkpoint
 from simple_gan import train
 from simple_gan.devices import gpu_ids_flag
 from simple_gan.trainer import build_training, generator_step, train_step
-from tests.test_simple_gan import TINY, assert_same_state, tiny_args, write_faces
-from tests.test_simple_gan import one_thread  # noqa: F401  (autouse fixture)
+from tests.state_checks import assert_states_equal
+from tests.test_simple_gan import TINY, tiny_args, write_faces
 from tests.two_ranks import WORLD_SIZE, run_two_ranks
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 N_IMAGES = 8
 # Global batch 4: 2 images per rank, 2 steps per epoch, so 5 steps cross two epoch ends.
@@ -103,10 +105,10 @@ def runs(faces, tmp_path_factory) -> dict:
 def test_ranks_end_with_identical_weights(runs):
     rank0, rank1 = runs['whole']
     assert rank0['step'] == rank1['step'] == STEPS, f"steps {rank0['step']}, {rank1['step']}"
-    assert_same_state(rank0['G'], rank1['G'], 'G')
-    assert_same_state(rank0['D'], rank1['D'], 'D')
+    assert_states_equal(rank0['G'], rank1['G'], 'G')
+    assert_states_equal(rank0['D'], rank1['D'], 'D')
     checkpoint = load_checkpoint(runs['ck'] / 'whole' / 'latest.pt')
-    assert_same_state(checkpoint['G'], rank1['G'], 'checkpoint G vs rank 1')
+    assert_states_equal(checkpoint['G'], rank1['G'], 'checkpoint G vs rank 1')
 
 
 def test_ranks_split_data_and_noise(runs):
@@ -145,7 +147,7 @@ def test_stopped_and_resumed_equals_uninterrupted(runs):
     whole = load_checkpoint(runs['ck'] / 'whole' / 'latest.pt')
     split = load_checkpoint(runs['ck'] / 'split' / 'latest.pt')
     for key in STATE_KEYS:
-        assert_same_state(whole[key], split[key], key)
+        assert_states_equal(whole[key], split[key], key)
     steps = [json.loads(line)['step'] for line in (runs['ck'] / 'split' / 'stats.jsonl').read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1)), f"stats.jsonl steps {steps}"
 
@@ -227,7 +229,7 @@ def test_fp16_resume_restores_scalers(faces, tmp_path):
     split = load_checkpoint(tmp_path / 'split' / 'latest.pt')
     assert whole['g_scaler']['_growth_tracker'] == 3, f"g_scaler {whole['g_scaler']}"
     for key in ('G', 'D', 'opt_G', 'opt_D', 'd_scaler', 'g_scaler', 'rng'):
-        assert_same_state(whole[key], split[key], key)
+        assert_states_equal(whole[key], split[key], key)
 
 
 @pytest.mark.parametrize('reg_type', ['orojar', 'hp'])

@@ -13,6 +13,8 @@ from PIL import Image
 import vp_score
 from models.runs import UserError
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # pixels per half image
 
@@ -48,15 +50,6 @@ def write_pairs(folder: Path, left: np.ndarray, right: np.ndarray, labels: np.nd
 def stripe_pairs(folder: Path, n: int, d: int = 4, seed: int = 0) -> Path:
     z1, z2 = make_codes(n, d, np.random.default_rng(seed))
     return write_pairs(folder, render_stripes(z1), render_stripes(z2), z1 - z2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train on one thread: these networks are too small to gain from more on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # 96 training pairs, 60 steps: enough for the batch norm running averages to settle.
