@@ -5,7 +5,8 @@ import torch
 def assert_states_equal(one, two, where=''):
     """Assert that two nested dicts, lists and tensors are equal, every tensor bit for bit.
 
-    The message names the path of the first difference, and for tensors its largest size.
+    The message names the path of the first difference and, for tensors, the largest absolute
+    difference.
     """
     if isinstance(one, torch.Tensor):
         assert torch.equal(one, two), f"{where}: max difference {(one - two).abs().max()}"

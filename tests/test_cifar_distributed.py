@@ -7,9 +7,6 @@ and resumes the run in this process.
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from cifar_folders import write_cifar100_folder
 from models import cifar_training
 from models.runs import UserError, load_checkpoint
 from tests.state_checks import assert_states_equal
+from tests.stop_signals import start_trainer, stop_once_written
 from tests.two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -215,41 +213,20 @@ SIGTERM_RUN = ['--epochs', '2', '--lr_step', '1', '--lr_gamma', '0.5', '--recomp
 # known. Stops raised in-process at each of steps 3 and 9 to 16 resumed bit for bit, and 8
 # later runs beside two busy-loop processes (load about 4 on 2 cores) all passed.
 def test_sigterm_mid_epoch_and_resume_is_exact(cifar_root, tmp_path):
-    stopped = tmp_path / 'stopped'
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-    for name in TORCHRUN_VARIABLES:
-        env.pop(name, None)
-    process = subprocess.Popen(
-        [sys.executable, 'main_cifar100.py', *tiny_args(cifar_root, stopped, *SIGTERM_RUN)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
     # Wait for the record of epoch 1, then stop the run inside epoch 2.
-    stats = stopped / 'stats.jsonl'
-    deadline = time.monotonic() + 90
-    while not (stats.exists() and stats.read_text()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"training did not finish epoch 1 (rc {process.poll()}): "
-                        f"{process.communicate()[1][-2000:]}")
-        time.sleep(0.02)
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    try:
-        stdout, stderr = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail('training still running 30 s after SIGTERM')
-    elapsed = time.monotonic() - sent
-
-    assert process.returncode == 0, f"rc {process.returncode}: {stderr[-2000:]}"
-    assert elapsed < 10, f"exit took {elapsed:.1f} s after SIGTERM"
-    assert 'received SIGTERM' in stderr, stderr[-2000:]
+    stopped = tmp_path / 'stopped'
+    process = start_trainer(['main_cifar100.py', *tiny_args(cifar_root, stopped, *SIGTERM_RUN)],
+                            REPO)
+    result = stop_once_written(process, stopped / 'stats.jsonl')
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert result.seconds < 10, f"exit took {result.seconds:.1f} s after SIGTERM"
+    assert 'received SIGTERM' in result.stderr, result.stderr[-2000:]
     state = load_checkpoint(stopped / 'last.pt')
     assert state['epoch'] == 1, f"checkpoint after epoch {state['epoch']}"
     steps = state['epoch_sums']['steps']
     assert 1 <= steps < 8, f"stopped after {steps} steps of epoch 2"
     assert state['global_step'] == 8 + steps, state['global_step']
-    assert f"stopped by SIGTERM after step {state['global_step']}" in stdout, stdout
+    assert f"stopped by SIGTERM after step {state['global_step']}" in result.stdout, result.stdout
 
     # Resume to the end, and compare with an uninterrupted run.
     assert main_cifar100.main(tiny_args(cifar_root, stopped, *SIGTERM_RUN, '--resume')) == 0
@@ -272,30 +249,12 @@ def test_sigterm_to_process_group_with_workers(cifar_root, tmp_path):
     # Schedulers and Ctrl-C signal the whole process group, loader workers included. The
     # workers must ignore the signal so that the trainer can finish its step and save.
     run_dir = tmp_path / 'group'
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-    for name in TORCHRUN_VARIABLES:
-        env.pop(name, None)
     argv = tiny_args(cifar_root, run_dir, *SIGTERM_RUN)
     argv[argv.index('--workers') + 1] = '1'
-    process = subprocess.Popen([sys.executable, 'main_cifar100.py', *argv], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    stats = run_dir / 'stats.jsonl'
-    deadline = time.monotonic() + 90
-    while not (stats.exists() and stats.read_text()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"training did not finish epoch 1 (rc {process.poll()}): "
-                        f"{process.communicate()[1][-2000:]}")
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        _, stderr = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail('training still running 30 s after SIGTERM to its process group')
-    assert process.returncode == 0, f"rc {process.returncode}: {stderr[-2000:]}"
-    assert 'killed by signal' not in stderr, stderr[-2000:]
+    process = start_trainer(['main_cifar100.py', *argv], REPO)
+    result = stop_once_written(process, run_dir / 'stats.jsonl', group=True)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert 'killed by signal' not in result.stderr, result.stderr[-2000:]
     state = load_checkpoint(run_dir / 'last.pt')
     assert state['global_step'] > 8, f"checkpoint at step {state['global_step']}"
 

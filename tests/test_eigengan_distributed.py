@@ -7,9 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from models.distributed import DistContext
 from models.runs import UserError, load_checkpoint
 from test_images import make_image_folder
 from tests.state_checks import assert_states_equal
+from tests.stop_signals import start_trainer, stop_once_written
 from tests.two_ranks import TORCHRUN_VARIABLES, WORLD_SIZE, run_two_ranks
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -275,36 +273,16 @@ def test_sigterm_checkpoints_and_resume_is_exact(data_dir, tmp_path):
     run = tmp_path / 'stopped'
     argv = run_argv(data_dir, tmp_path, 'stopped', '--steps', str(SIGTERM_STEPS),
                     '--ckpt_every', '100')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    for name in TORCHRUN_VARIABLES:
-        env.pop(name, None)
-    process = subprocess.Popen([sys.executable, 'eigengan/train_ffhq.py', *argv], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
     # Wait until the first step is logged, then stop the run in the middle of training.
-    deadline = time.monotonic() + 90
-    while not ((run / 'stats.jsonl').exists() and (run / 'stats.jsonl').read_text()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f'training did not start (rc {process.poll()}): '
-                        f'{process.communicate()[1][-2000:]}')
-        time.sleep(0.02)
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    try:
-        stdout, stderr = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail('training still running 30 s after SIGTERM')
-    elapsed = time.monotonic() - sent
-
-    assert process.returncode == 0, f'rc {process.returncode}: {stderr[-2000:]}'
-    assert elapsed < 10, f'exit took {elapsed:.1f} s after SIGTERM'
-    assert 'received SIGTERM' in stderr, stderr[-2000:]
+    process = start_trainer(['eigengan/train_ffhq.py', *argv], REPO)
+    result = stop_once_written(process, run / 'stats.jsonl')
+    assert result.returncode == 0, f'exit status {result.returncode}: {result.stderr[-2000:]}'
+    assert result.seconds < 10, f'exit took {result.seconds:.1f} s after SIGTERM'
+    assert 'received SIGTERM' in result.stderr, result.stderr[-2000:]
     stopped = load_checkpoint(run / 'checkpoints' / 'last.pt')
     assert 1 <= stopped['step'] < SIGTERM_STEPS, f"stopped at step {stopped['step']}"
     assert stopped['finished'] is False
-    assert f"stopped by SIGTERM after step {stopped['step']}" in stdout + stderr
+    assert f"stopped by SIGTERM after step {stopped['step']}" in result.stdout + result.stderr
     names = sorted(p.name for p in (run / 'checkpoints').iterdir())
     assert names == ['last.pt'], f'checkpoints after the stop: {names}'
 

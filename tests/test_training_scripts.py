@@ -105,6 +105,27 @@ def test_bad_method_and_missing_data(stub):
     assert 'CELEBA_ROOT' in output, output
 
 
+def test_spool_copy_finds_repository_from_submit_folder(stub, tmp_path):
+    # sbatch runs a copy of the script from its spool folder; SLURM_SUBMIT_DIR is where
+    # sbatch was called, here the repository or its training_scripts/ folder.
+    env, log = stub
+    spool = tmp_path / 'spool'
+    spool.mkdir()
+    copy = spool / 'slurm_script'
+    copy.write_text((REPO / 'training_scripts' / 'train_celeba.sh').read_text())
+    for submit_dir in (REPO, REPO / 'training_scripts'):
+        result = subprocess.run(['bash', str(copy), 'nog', '/data/celeba'], cwd=spool,
+                                env={**os.environ, **env, 'SLURM_SUBMIT_DIR': str(submit_dir)},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert '--name celeba_nog' in log.read_text().splitlines()[-1]
+    result = subprocess.run(['bash', str(copy), 'nog', '/data/celeba'], cwd=spool,
+                            env={**os.environ, **env, 'SLURM_SUBMIT_DIR': str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert 'repository not found; set REPO_ROOT' in result.stderr, result.stderr
+
+
 def test_celeba_end_to_end(tmp_path):
     faces = write_faces(tmp_path / 'faces', n=6)
     env = {'PYTHON': sys.executable, 'CHECKPOINTS_DIR': str(tmp_path / 'ck'), 'DEVICE': 'cpu',

@@ -16,6 +16,8 @@
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits, after passing SIGTERM on, for its
 #                    processes to save and exit before it kills them (default here: 120)
 
+REPO_ROOT="$(cd "$REPO_ROOT" && pwd)"
+
 PYTHON="${PYTHON:-python}"
 CHECKPOINTS_DIR="${CHECKPOINTS_DIR:-$REPO_ROOT/checkpoints}"
 DEVICE="${DEVICE:-auto}"
@@ -37,6 +39,26 @@ check_method() {
     nog|olr|nog_olr|orojar|hp|none) ;;
     *) die "unknown method '$1'; expected nog, olr, nog_olr, orojar, hp or none" ;;
   esac
+}
+
+# parse_method_and_data DATA_VARIABLE [METHOD] [DATA_PATH] [options...]
+# Sets METHOD (checked), DATAROOT and ARGS (the options). The data path is the argument after
+# the method unless that is an option; else it comes from the environment variable named
+# DATA_VARIABLE.
+parse_method_and_data() {
+  local data_variable="$1"
+  shift
+  [[ $# -ge 1 ]] || die "pass the method (nog, olr or orojar) as the first argument"
+  METHOD="$1"
+  shift
+  check_method "$METHOD"
+  DATAROOT="${!data_variable:-}"
+  if [[ $# -gt 0 && "$1" != -* ]]; then
+    DATAROOT="$1"
+    shift
+  fi
+  [[ -n "$DATAROOT" ]] || die "pass the data path as an argument or set $data_variable"
+  ARGS=("$@")
 }
 
 # run_training DATASET_MODE DATAROOT METHOD [train.py options...]

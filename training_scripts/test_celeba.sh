@@ -20,32 +20,17 @@
 # N_PAIRS, MODEL_TYPE, REAL_DIR, VISUALIZE_OPTIONS.
 set -euo pipefail
 
-# Under sbatch this file runs from a spool copy, so the repository is also looked for in the
-# submit folder and its parent.
-script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-for candidate in "${REPO_ROOT:-}" "$script_dir/.." "${SLURM_SUBMIT_DIR:-}" \
+# Under sbatch this file runs from a spool copy: look for the repository in the submit folder
+# and its parent too.
+for REPO_ROOT in "${REPO_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}" \
     "${SLURM_SUBMIT_DIR:-.}/.."; do
-  if [[ -n "$candidate" && -f "$candidate/simple_gan/train.py" ]]; then
-    REPO_ROOT="$(cd "$candidate" && pwd)"
-    break
-  fi
+  [[ -f "$REPO_ROOT/training_scripts/common.sh" ]] && break
 done
-[[ -f "${REPO_ROOT:-}/simple_gan/train.py" ]] || {
-  echo "error: repository not found; set REPO_ROOT to the folder holding simple_gan/" >&2
+[[ -f "$REPO_ROOT/training_scripts/common.sh" ]] || {
+  echo "error: repository not found; set REPO_ROOT to the folder holding training_scripts/" >&2
   exit 2
 }
 source "$REPO_ROOT/training_scripts/common.sh"
 
-[[ $# -ge 1 ]] || die "pass the method of the run as the first argument"
-METHOD="$1"
-shift
-check_method "$METHOD"
-
-# The data path is the next argument unless it is an option, else $CELEBA_ROOT.
-if [[ $# -gt 0 && "$1" != -* ]]; then
-  CELEBA_ROOT="$1"
-  shift
-fi
-[[ -n "${CELEBA_ROOT:-}" ]] || die "pass the data path as an argument or set CELEBA_ROOT"
-
-run_tests celeba "$CELEBA_ROOT" "$METHOD" "$@"
+parse_method_and_data CELEBA_ROOT "$@"
+run_tests celeba "$DATAROOT" "$METHOD" "${ARGS[@]}"

@@ -26,36 +26,21 @@
 # torchrun. --batch_size stays the global batch, which N must divide.
 set -euo pipefail
 
-# Under sbatch this file runs from a spool copy, so the repository is also looked for in the
-# submit folder and its parent.
-script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-for candidate in "${REPO_ROOT:-}" "$script_dir/.." "${SLURM_SUBMIT_DIR:-}" \
+# Under sbatch this file runs from a spool copy: look for the repository in the submit folder
+# and its parent too.
+for REPO_ROOT in "${REPO_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}" \
     "${SLURM_SUBMIT_DIR:-.}/.."; do
-  if [[ -n "$candidate" && -f "$candidate/simple_gan/train.py" ]]; then
-    REPO_ROOT="$(cd "$candidate" && pwd)"
-    break
-  fi
+  [[ -f "$REPO_ROOT/training_scripts/common.sh" ]] && break
 done
-[[ -f "${REPO_ROOT:-}/simple_gan/train.py" ]] || {
-  echo "error: repository not found; set REPO_ROOT to the folder holding simple_gan/" >&2
+[[ -f "$REPO_ROOT/training_scripts/common.sh" ]] || {
+  echo "error: repository not found; set REPO_ROOT to the folder holding training_scripts/" >&2
   exit 2
 }
 source "$REPO_ROOT/training_scripts/common.sh"
 
-[[ $# -ge 1 ]] || die "pass the method (nog, olr or orojar) as the first argument"
-METHOD="$1"
-shift
-check_method "$METHOD"
-
-# The data path is the next argument unless it is an option, else $LSUN_ROOT.
-if [[ $# -gt 0 && "$1" != -* ]]; then
-  LSUN_ROOT="$1"
-  shift
-fi
-[[ -n "${LSUN_ROOT:-}" ]] || die "pass the data path as an argument or set LSUN_ROOT"
-
+parse_method_and_data LSUN_ROOT "$@"
 extra=()
 if [[ "$METHOD" == orojar ]]; then
   extra=(--reg_lambda 1e-5)
 fi
-run_training lsun "$LSUN_ROOT" "$METHOD" "${extra[@]}" "$@"
+run_training lsun "$DATAROOT" "$METHOD" "${extra[@]}" "${ARGS[@]}"

@@ -15,18 +15,14 @@
 # Other environment variables: PYTHON, CHECKPOINTS_DIR, DEVICE.
 set -euo pipefail
 
-# Under sbatch this file runs from a spool copy, so the repository is also looked for in the
-# submit folder and its parent.
-script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-for candidate in "${REPO_ROOT:-}" "$script_dir/.." "${SLURM_SUBMIT_DIR:-}" \
+# Under sbatch this file runs from a spool copy: look for the repository in the submit folder
+# and its parent too.
+for REPO_ROOT in "${REPO_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}" \
     "${SLURM_SUBMIT_DIR:-.}/.."; do
-  if [[ -n "$candidate" && -f "$candidate/simple_gan/train.py" ]]; then
-    REPO_ROOT="$(cd "$candidate" && pwd)"
-    break
-  fi
+  [[ -f "$REPO_ROOT/training_scripts/common.sh" ]] && break
 done
-[[ -f "${REPO_ROOT:-}/simple_gan/train.py" ]] || {
-  echo "error: repository not found; set REPO_ROOT to the folder holding simple_gan/" >&2
+[[ -f "$REPO_ROOT/training_scripts/common.sh" ]] || {
+  echo "error: repository not found; set REPO_ROOT to the folder holding training_scripts/" >&2
   exit 2
 }
 source "$REPO_ROOT/training_scripts/common.sh"
