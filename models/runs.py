@@ -287,7 +287,9 @@ def load_checkpoint(path: str | Path, map_location: Any = 'cpu') -> dict:
                             f"it was not written by this repository") from err
         raise UserError(f"checkpoint {path} is corrupted or not a PyTorch checkpoint "
                         f"({err})") from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:
+        # Damaged bytes reach the unpickler in many ways: besides RuntimeError, EOFError
+        # and OSError, random bytes raised IndexError and KeyError in torch 2.14.
         raise UserError(f"checkpoint {path} is corrupted, truncated or unreadable "
                         f"({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):

@@ -175,14 +175,18 @@ def test_load_checkpoint_corrupted(tmp_path, damage):
     path = tmp_path / 'ckpt.pt'
     runs.save_checkpoint(path, {'w': torch.randn(64, 64), 'epoch': 9})
     data = path.read_bytes()
-    damaged = {'random_bytes': os.urandom(len(data)), 'truncated': data[:len(data) // 2],
-               'empty': b''}[damage]
-    path.write_bytes(damaged)
-
-    with pytest.raises(UserError) as info:
-        runs.load_checkpoint(path)
-    assert str(path) in str(info.value), str(info.value)
-    assert 'corrupted' in str(info.value), str(info.value)
+    # 300 random files of the same size: in torch 2.14 the unpickler raised UnpicklingError,
+    # IndexError, KeyError and UnicodeDecodeError on these seeds.
+    if damage == 'random_bytes':
+        damaged = [random.Random(seed).randbytes(len(data)) for seed in range(300)]
+    else:
+        damaged = [{'truncated': data[:len(data) // 2], 'empty': b''}[damage]]
+    for content in damaged:
+        path.write_bytes(content)
+        with pytest.raises(UserError) as info:
+            runs.load_checkpoint(path)
+        assert str(path) in str(info.value), str(info.value)
+        assert 'corrupted' in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize('content', [argparse.Namespace(lr=0.1), torch.ones(2)],
