@@ -52,6 +52,19 @@ def find_weights(weights_path, file_name: str, url: str, flag: str, purpose: str
         f'{cached} or pass its path with {flag}')
 
 
+def _wrong_weights(path: Path, file_name: str, url: str, error: Exception) -> UserError:
+    return UserError(f'{path} is not a readable copy of {file_name} ({type(error).__name__}: '
+                     f'{error}); download it again from {url}')
+
+
+def read_weights(path: Path, file_name: str, url: str) -> dict:
+    """Load a weights file with ``weights_only=True``; a damaged file raises ``UserError``."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise _wrong_weights(path, file_name, url, err) from err
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Return the Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``.
 
@@ -78,12 +91,15 @@ def load_inception(weights_path=None, device='cpu') -> nn.Module:
                         'FID')
 
     def load_local(url, *args, **kwargs):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return read_weights(path, INCEPTION_FILE, INCEPTION_URL)
 
     # pytorch-fid fetches its weights by URL inside the constructor, so the fetch is redirected
     # to the local file to keep offline machines from attempting a download.
     with mock.patch.object(inception, 'load_state_dict_from_url', load_local):
-        model = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        try:
+            model = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        except RuntimeError as err:  # a readable file with other tensors
+            raise _wrong_weights(path, INCEPTION_FILE, INCEPTION_URL, err) from err
     return model.eval().to(device)
 
 
@@ -117,9 +133,13 @@ def load_lpips(weights_path=None, device='cpu') -> nn.Module:
     from torchvision.models import vgg16
 
     path = find_weights(weights_path, VGG16_FILE, VGG16_URL, '--lpips_weights', 'LPIPS (PPL)')
-    model = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)
+    state = read_weights(path, VGG16_FILE, VGG16_URL)
     backbone = vgg16(weights=None)
-    backbone.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:  # a readable file with other tensors
+        raise _wrong_weights(path, VGG16_FILE, VGG16_URL, err) from err
+    model = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)
     # lpips splits vgg16().features into slices whose children keep their original indices.
     for stage in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4,
                   model.net.slice5):

@@ -65,3 +65,18 @@ def test_weights_found_in_hub_cache(tmp_path, monkeypatch):
     cached.write_bytes(b'')
     found = metrics.find_weights(None, metrics.VGG16_FILE, metrics.VGG16_URL, '--x', 'LPIPS')
     assert found == cached
+
+
+@pytest.mark.parametrize('content', ['damaged', 'other_tensors'])
+@pytest.mark.parametrize('loader', ['inception', 'lpips'])
+def test_wrong_weights_file_is_clear_error(tmp_path, loader, content):
+    path = tmp_path / 'weights.pth'
+    if content == 'damaged':
+        path.write_bytes(b'not a torch file')
+    else:
+        torch.save({'fc.weight': torch.zeros(2, 2)}, path)
+    load = metrics.load_inception if loader == 'inception' else metrics.load_lpips
+    with pytest.raises(UserError) as err:
+        load(path)
+    message = str(err.value)
+    assert str(path) in message and 'download it again' in message, message
