@@ -126,18 +126,30 @@ def _load_scaler(scaler: torch.amp.GradScaler, saved: dict | None) -> None:
         scaler.load_state_dict(saved)
 
 
-def resume(args, ctx: DistContext, s: GANState) -> int:
-    """Load ``--ckpt`` into the models, optimizers, scalers and RNGs; return its step.
+def load_resume_checkpoint(args) -> dict:
+    """Read ``--ckpt`` and check that the flags build its generator; return the checkpoint.
 
-    Every rank reads the file (on several nodes it must be on a shared file system) and
-    restores its own random state when the checkpoint has one per rank.
+    Called before the run folder is touched, so that a wrong file changes nothing. Every rank
+    reads the file (on several nodes it must be on a shared file system).
     """
     state = load_checkpoint(args.ckpt)
     if 'G_ema' not in state or 'arch' not in state:
         raise UserError(f'--ckpt {args.ckpt} is not an EigenGAN checkpoint of this trainer')
-    if state['arch'] != s.G.arch():
+    with torch.device('meta'):  # the architecture only, without memory or random draws
+        arch = Generator(args.size, args.n_basis, args.noise_dim, args.base_channels,
+                         args.max_channels).arch()
+    if state['arch'] != arch:
         raise UserError(f'--ckpt {args.ckpt} contains a generator with {state["arch"]}, but the '
-                        f'flags build {s.G.arch()}; pass the flags the run was started with')
+                        f'flags build {arch}; pass the flags the run was started with')
+    return state
+
+
+def resume(args, ctx: DistContext, s: GANState, state: dict) -> int:
+    """Load a checkpoint (from ``load_resume_checkpoint``) into the models, optimizers, scalers
+    and random generators; return its step.
+
+    Each rank restores its own random state when the checkpoint has one per rank.
+    """
     s.G.load_state_dict(state['G'])
     s.D.load_state_dict(state['D'])
     s.G_ema.load_state_dict(state['G_ema'])

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from eigengan.model import d_loss, g_loss, orthogonality_penalty
-from eigengan.state import GANState, build_state, resume, write_checkpoint
+from eigengan.state import (GANState, build_state, load_resume_checkpoint, resume,
+                            write_checkpoint)
 from models.amp import add_amp_argument, autocast, check_amp, scaled_backward, step_optimizer
 from models.distributed import (DistContext, all_reduce_mean, any_rank, average_gradients,
                                 barrier, broadcast_module, cleanup, init_distributed,
@@ -277,15 +278,22 @@ def train(args, ctx: DistContext, argv: list[str] | None = None) -> Path:
     A dry run writes its run folder into a temporary directory that is removed at the end.
     """
     run_dir = run_folder(args)
+    checkpoint = load_resume_checkpoint(args) if args.ckpt else None
+    if checkpoint is not None and checkpoint['step'] >= args.steps and not args.dry_run:
+        if ctx.is_main:
+            print(f"--ckpt {args.ckpt} is at step {checkpoint['step']} of --steps {args.steps}, "
+                  f"so training is finished; pass a larger --steps to continue it")
+        return run_dir
     with scratch_run_dir(run_dir, args.dry_run) as out_dir:
-        train_into(args, ctx, argv, out_dir)
+        train_into(args, ctx, argv, out_dir, checkpoint)
         # Rank 0 removes a dry run's folder only when every rank is done with it.
         barrier(ctx)
     return run_dir
 
 
-def train_into(args, ctx: DistContext, argv: list[str] | None, run_dir: Path) -> None:
-    """Train with ``run_dir`` as the run folder (see ``train``)."""
+def train_into(args, ctx: DistContext, argv: list[str] | None, run_dir: Path,
+               checkpoint: dict | None) -> None:
+    """Train with ``run_dir`` as the run folder, from ``checkpoint`` when given (see ``train``)."""
     per_batch = per_rank_batch(args.batch, ctx.world_size, '--batch')
     dataset = ImageFolderDataset(args.data, size=args.size, flip=True)
     fid = open_run_folder(args, ctx, run_dir, dataset, argv)
@@ -299,7 +307,7 @@ def train_into(args, ctx: DistContext, argv: list[str] | None, run_dir: Path) ->
     # Noise and flips differ per rank. Rank 0 continues the stream of a single-process run.
     if ctx.rank > 0:
         seed_everything(rank_seed(args.seed, ctx.rank))
-    start = resume(args, ctx, s) if args.ckpt else 0
+    start = resume(args, ctx, s, checkpoint) if checkpoint is not None else 0
     for module in (s.G, s.D, s.G_ema):
         broadcast_module(module)
 

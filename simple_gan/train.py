@@ -43,8 +43,8 @@ from models.distributed import (DistContext, all_reduce_mean, barrier,  # noqa: 
                                 cleanup, per_rank_batch, rank_seed, torchrun_environment)
 from models.gan import save_image_grid  # noqa: E402
 from models.preemption import PreemptionHandler, ignore_stop_signals  # noqa: E402
-from models.runs import (RunLogger, load_checkpoint, prepare_run_dir,  # noqa: E402
-                         run_main, scratch_run_dir, seed_everything)
+from models.runs import (RunLogger, UserError, load_checkpoint,  # noqa: E402
+                         prepare_run_dir, run_main, scratch_run_dir, seed_everything)
 from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
 from simple_gan.devices import resolve_context  # noqa: E402
 from simple_gan.losses import GAN_MODES  # noqa: E402
@@ -266,6 +266,21 @@ def train(t: GANTraining, loader: DataLoader, run_dir: Path, logger: RunLogger,
     return 'finished'
 
 
+def finished_message(checkpoint: dict, args: argparse.Namespace) -> str | None:
+    """Say why a run at ``checkpoint`` has nothing left to train, or return None."""
+    if 'step' not in checkpoint or 'epoch' not in checkpoint or 'first_epoch' not in checkpoint:
+        raise UserError('latest.pt is not a checkpoint of simple_gan/train.py; move it away or '
+                        'choose another --name')
+    last_epoch = checkpoint['first_epoch'] + args.n_epochs + args.n_epochs_decay - 1
+    if checkpoint['epoch'] > last_epoch:
+        return (f"training finished after epoch {checkpoint['epoch'] - 1} (step "
+                f"{checkpoint['step']}); raise --n_epochs or --n_epochs_decay to continue it")
+    if args.max_steps and checkpoint['step'] >= args.max_steps:
+        return (f"already at step {checkpoint['step']}, --max_steps {args.max_steps}; raise "
+                f"--max_steps to continue it")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -296,30 +311,29 @@ def run(args: argparse.Namespace, argv: list[str] | None, ctx: DistContext) -> i
     seed_everything(args.seed)
     dataset = make_dataset(args.dataset_mode, args.dataroot, IMAGE_SIZES[args.model],
                            args.max_dataset_size)
+    # The checkpoint is read and checked before the run folder is touched, so that a damaged
+    # file or a finished run changes nothing.
+    checkpoint = None
+    if args.continue_train and not (run_dir / 'latest.pt').is_file():
+        if ctx.is_main:
+            print(f"{run_dir} has no latest.pt yet; starting from step 0")
+    elif args.continue_train:
+        # Loaded to the CPU: load_state_dict copies the weights and optimizer states to the
+        # device, and the saved random states must stay CPU tensors for set_rng_state.
+        checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location='cpu')
+        done = finished_message(checkpoint, args)
+        if done and not args.dry_run:
+            if ctx.is_main:
+                print(f"{run_dir}: {done}")
+            return 0
+        if ctx.is_main:
+            print(f"resuming {run_dir} at step {checkpoint['step']}, epoch {checkpoint['epoch']}")
     with scratch_run_dir(run_dir, args.dry_run) as out_dir:
         if ctx.is_main:
             prepare_run_dir(out_dir, args.continue_train and not args.dry_run, args, argv,
                             family='simple_gan', dataset=args.dataset_mode, method=method,
                             resume_flag='--continue_train')
         barrier(ctx)
-        checkpoint = None
-        if args.continue_train:
-            if (run_dir / 'latest.pt').is_file():
-                # Loaded to the CPU: load_state_dict copies the weights and optimizer states
-                # to the device, and the saved random states must stay CPU tensors for
-                # set_rng_state.
-                checkpoint = load_checkpoint(run_dir / 'latest.pt', map_location='cpu')
-                if ctx.is_main:
-                    print(f"resuming {run_dir} at step {checkpoint['step']}, "
-                          f"epoch {checkpoint['epoch']}")
-            elif ctx.is_main:
-                print(f"{run_dir} has no latest.pt yet; starting from step 0")
-        if checkpoint and args.max_steps and checkpoint['step'] >= args.max_steps \
-                and not args.dry_run:
-            if ctx.is_main:
-                print(f"{run_dir} is already at step {checkpoint['step']}, --max_steps "
-                      f"{args.max_steps}; raise --max_steps to continue it")
-            return 0
         t = build_training(args, len(dataset), ctx.device, checkpoint, ctx)
         loader = DataLoader(dataset, batch_size=per_batch, sampler=t.sampler,
                             num_workers=args.num_threads, pin_memory=ctx.device.type == 'cuda',
@@ -338,9 +352,15 @@ def run(args: argparse.Namespace, argv: list[str] | None, ctx: DistContext) -> i
     if ctx.is_main and args.dry_run:
         print(f"dry run: {t.step - (checkpoint or {}).get('step', 0)} steps ran; the run folder "
               f"was temporary and has been removed, {run_dir} is untouched")
+    elif ctx.is_main and reason == 'finished':
+        print(f"finished after epoch {t.epoch - 1} (step {t.step}); checkpoint "
+              f"{run_dir / 'latest.pt'}")
+    elif ctx.is_main and reason == 'max_steps':
+        print(f"stopped at --max_steps {args.max_steps} (step {t.step}, in epoch {t.epoch}); "
+              f"continue with --continue_train and a larger --max_steps")
     elif ctx.is_main:
-        print(f"stopped ({reason}) at step {t.step}, epoch {t.epoch}; "
-              f"checkpoint {out_dir / 'latest.pt'}")
+        print(f"stopped by {reason} after step {t.step}; {run_dir / 'latest.pt'} holds the "
+              f"position, continue with --continue_train")
     return 0
 
 

@@ -194,6 +194,27 @@ def test_resume_with_other_architecture(trained_run, data_dir):
               '--ckpt', str(trained_run / 'checkpoints' / 'last.pt'))
 
 
+def test_wrong_or_finished_checkpoint_changes_nothing(trained_run, data_dir, tmp_path,
+                                                       capsys):
+    files = {p: p.read_bytes() for p in trained_run.rglob('*') if p.is_file()}
+    last = trained_run / 'checkpoints' / 'last.pt'
+    step = load_checkpoint(last)['step']
+    with pytest.raises(UserError, match='flags build'):
+        train(data_dir, trained_run.parent, trained_run.name, '--steps', str(step + 1),
+              '--n_basis', '2', '--ckpt', str(last))
+    damaged = tmp_path / 'damaged.pt'
+    damaged.write_bytes(last.read_bytes()[:200])
+    with pytest.raises(UserError, match='corrupted'):
+        train(data_dir, trained_run.parent, trained_run.name, '--steps', str(step + 1),
+              '--ckpt', str(damaged))
+    capsys.readouterr()
+    train(data_dir, trained_run.parent, trained_run.name, '--steps', str(step), '--ckpt',
+          str(last))
+    assert 'training is finished' in capsys.readouterr().out
+    after = {p: p.read_bytes() for p in trained_run.rglob('*') if p.is_file()}
+    assert after == files, 'the run folder changed'
+
+
 def test_missing_data_folder(tmp_path):
     with pytest.raises(UserError, match='not found'):
         train(tmp_path / 'absent', tmp_path, 'x', '--steps', '1')

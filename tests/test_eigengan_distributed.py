@@ -251,7 +251,7 @@ def test_fp16_resume_restores_loss_scale(data_dir, tmp_path):
                  str(run / 'checkpoints' / 'last.pt')))
     torch.manual_seed(0)
     s = build_state(args, torch.device('cpu'))
-    trainer.resume(args, DistContext(), s)
+    trainer.resume(args, DistContext(), s, trainer.load_resume_checkpoint(args))
     assert s.d_scaler.state_dict() == saved
 
 

@@ -271,6 +271,27 @@ def test_dry_run_leaves_no_run_folder(faces, tmp_path, capsys):
     assert load_checkpoint(tmp_path / 'run' / 'latest.pt')['step'] == 1
 
 
+def test_damaged_or_finished_checkpoint_changes_nothing(faces, tmp_path, capsys):
+    argv = ['--dataset_mode', 'celeba', '--dataroot', str(faces), '--checkpoints_dir',
+            str(tmp_path), '--name', 'run', '--num_threads', '0', '--n_epochs', '1',
+            '--n_epochs_decay', '0', *TINY]
+    assert train.main(argv) == 0
+    assert 'finished after epoch 1 (step 2)' in capsys.readouterr().out
+    run_dir = tmp_path / 'run'
+    files = {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file()}
+    assert train.main([*argv, '--continue_train']) == 0
+    assert 'training finished after epoch 1' in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file()} == files
+
+    latest = run_dir / 'latest.pt'
+    latest.write_bytes(files[latest][:200])
+    files[latest] = latest.read_bytes()
+    from models.runs import UserError
+    with pytest.raises(UserError, match='corrupted'):
+        train.main([*argv, '--n_epochs', '2', '--continue_train'])
+    assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file()} == files
+
+
 def test_published_command_parses():
     argv = ('--dataset_mode celeba --model gan128 --nz 30 --reg_type nog '
             '--dataroot CELEBA_ROOT --name celeba_nog').split()
@@ -297,7 +318,7 @@ def test_sigterm_saves_and_resumes(faces, tmp_path):
             break
     output = ''.join(lines) + process.communicate(timeout=120)[0]
     assert process.returncode == 0, f"exit status {process.returncode}:\n{output}"
-    assert 'stopped (SIGTERM)' in output, output
+    assert 'stopped by SIGTERM after step' in output, output
     step = load_checkpoint(tmp_path / 'run' / 'latest.pt')['step']
     assert step >= 1
 
