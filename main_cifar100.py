@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='under torchrun, sum the meta-layer covariance moments and the '
                              'batch norm statistics over all processes (SyncBatchNorm), so N '
                              'processes normalise with the global batch as one process does')
-    add_amp_argument(system)
+    add_amp_argument(system, kept_wide='the meta-layer, NOG and OLR')
     system.add_argument('--channels_last', action='store_true',
                         help='keep weights and images in channels-last memory format')
     system.add_argument('--compile', action='store_true',

@@ -18,6 +18,7 @@ underflow, and the gradients come out as ``s * L``. NOG maps ``s * L`` to the sa
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import ContextManager
 
 import torch
@@ -25,15 +26,20 @@ from torch import Tensor
 
 from models.runs import UserError
 
+log = logging.getLogger(__name__)
+
 AMP_MODES = ('off', 'bf16', 'fp16')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def add_amp_argument(group) -> None:
-    """Add ``--amp {off,bf16,fp16}`` to an argparse parser or argument group."""
+def add_amp_argument(group, kept_wide: str = 'NOG and OLR') -> None:
+    """Add ``--amp {off,bf16,fp16}`` to an argparse parser or argument group.
+
+    ``kept_wide`` names the parts of the model that stay in float32 or wider, for the help.
+    """
     group.add_argument('--amp', choices=AMP_MODES, default='off',
-                       help="mixed precision: bf16 or fp16 autocast (fp16 with a gradient "
-                            "scaler); the meta-layer, NOG and OLR stay in float32 or wider")
+                       help=f"mixed precision: bf16 or fp16 autocast (fp16 with a gradient "
+                            f"scaler), meant for GPUs; {kept_wide} stay in float32 or wider")
 
 
 def check_amp(mode: str, device: torch.device, flag_name: str = '--amp') -> None:
@@ -43,6 +49,13 @@ def check_amp(mode: str, device: torch.device, flag_name: str = '--amp') -> None
     if mode == 'bf16' and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
         raise UserError(f"{flag_name} bf16 was requested but {torch.cuda.get_device_name(device)} "
                         f"does not support bfloat16: use {flag_name} fp16 or off")
+    if mode != 'off' and device.type == 'cpu':
+        # Measured on a 2-core AMD EPYC VM (benchmarks/README.md): bf16 steps 7-23 times
+        # slower than float32.
+        log.warning("%s %s on the CPU runs, but usually several times slower than float32 "
+                    "(CPUs without half-precision matrix units); it is meant for GPUs%s",
+                    flag_name, mode, ", and on the CPU it serves to test the gradient scaler"
+                    if mode == 'fp16' else '')
 
 
 def autocast(device: torch.device, mode: str) -> ContextManager:

@@ -1,5 +1,6 @@
 """Tests of models/amp.py: autocast modes, the gradient scaler, NOG and OLR after unscaling."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -147,3 +148,14 @@ def test_bf16_keeps_meta_layer_float64(monkeypatch):
     assert model[0].weight.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model[1].last_stats['whitening_residual'] < 1e-6, model[1].last_stats
+
+
+@pytest.mark.parametrize('mode', ['off', 'bf16', 'fp16'])
+def test_check_amp_warns_on_cpu(mode, caplog):
+    with caplog.at_level(logging.WARNING, logger='models.amp'):
+        amp.check_amp(mode, torch.device('cpu'))
+    warned = [record.getMessage() for record in caplog.records]
+    if mode == 'off':
+        assert warned == []
+    else:
+        assert len(warned) == 1 and f'--amp {mode} on the CPU' in warned[0], warned
