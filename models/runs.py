@@ -24,9 +24,11 @@ import pickle
 import platform
 import random
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,9 +203,41 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them again.
+
+    A second Ctrl-C while a checkpoint is written would otherwise raise KeyboardInterrupt
+    inside ``torch.save`` and end in an error from its zip writer. Signals reach only the
+    main thread, so elsewhere, and for a handler that Python did not install, nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:
+            previous[signum] = signal.signal(signum, lambda number, frame: held.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
 def _write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = 'wb') -> None:
-    """Write ``path`` through ``write(file)`` on a temporary file, then ``os.replace`` it."""
-    path = Path(path)
+    """Write ``path`` through ``write(file)`` on a temporary file, then ``os.replace`` it.
+
+    SIGINT and SIGTERM that arrive meanwhile act once the file is in place.
+    """
+    with _stop_signals_deferred():
+        _write_and_replace(Path(path), write, mode)
+
+
+def _write_and_replace(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Unlike tempfile.mkstemp (mode 0600), os.open applies the umask, so the file gets the
     # same permissions as any other file the user creates.

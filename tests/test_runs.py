@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import re
 import subprocess
 import sys
@@ -379,3 +380,21 @@ def test_run_dir_under_a_file_is_user_error(tmp_path):
         runs.prepare_run_dir(blocker / 'run', resume=False, args=args, argv=[], family='cifar',
                         dataset='digits', method='baseline')
     assert blocker.read_text() == 'not a folder'
+
+
+def test_ctrl_c_during_checkpoint_write_acts_after_it(tmp_path):
+    # SIGINT arrives halfway through the write: the file is completed and moved into place,
+    # then KeyboardInterrupt is raised, with the previous handler back in place.
+    path = tmp_path / 'ckpt.bin'
+    handler = signal.getsignal(signal.SIGINT)
+
+    def write(file):
+        file.write(b'first half ')
+        signal.raise_signal(signal.SIGINT)
+        file.write(b'second half')
+
+    with pytest.raises(KeyboardInterrupt):
+        runs._write_atomic(path, write)
+    assert path.read_bytes() == b'first half second half'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.bin'], 'temporary file left'
+    assert signal.getsignal(signal.SIGINT) is handler
