@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from models.runs import UserError, run_main
+from models.runs import HelpFormatter, UserError, run_main
 
 METHOD_ORDER = ('baseline', 'nog', 'olr', 'nog_olr', 'ow', 'nog_ow', 'olr_ow', 'nog_olr_ow',
                 'ol', 'orojar', 'hp')
@@ -344,7 +344,7 @@ def save_figure(fig: Figure, path: Path, key: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('run_dirs', type=Path, nargs='+',
                         help="run folders (each with config.json); others are skipped")
     parser.add_argument('--out', type=Path, default=None,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from models.runs import UserError, run_main, select_device  # noqa: E402
+from models.runs import HelpFormatter, UserError, run_main, select_device  # noqa: E402
 from models.vp_pairs import write_vp_pairs  # noqa: E402
 
 MODEL_TYPES = ('gan', 'gan128', 'eigengan')
@@ -43,7 +43,7 @@ EIGENGAN_TRUNCATION = 0.7
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--model_type', choices=MODEL_TYPES, required=True,
                         help='gan/gan128: vanilla GAN of simple_gan/; eigengan: EigenGAN')
     parser.add_argument('--model_path', required=True, help='generator checkpoint')

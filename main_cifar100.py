@@ -45,8 +45,8 @@ from models.distributed import (DistContext, barrier, cleanup, convert_sync_batc
 from models.orthogonality import NOG_METHODS, OrthogonalUpdate, split_param_groups
 from models.preemption import PreemptionHandler, ResumableSampler, ignore_stop_signals
 from models.resnet import ARCHS, NORMS, STEM_CHANNELS, cifar_resnet
-from models.runs import (REPO_ROOT, RunLogger, UserError, load_checkpoint, method_name,
-                         prepare_run_dir, run_main, seed_everything)
+from models.runs import (REPO_ROOT, HelpFormatter, RunLogger, UserError, load_checkpoint,
+                         method_name, prepare_run_dir, run_main, seed_everything)
 from models.zca import BACKENDS
 # With at most this many training steps in a run, --recompute_stats auto recomputes the
 # normalisation statistics before each evaluation, because running averages lag a pre-SVD
@@ -63,7 +63,7 @@ RESUME_KEYS = ('dataset', 'arch', 'norm', 'groups', 'eps', 'svd_backend', 'nog',
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('--dataset', choices=DATASETS, default='cifar100',
                       help='training data; digits is scikit-learn\'s 8x8 digits at 32x32')

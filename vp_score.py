@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from models.runs import (UserError, environment_versions, run_main, seed_everything,
+from models.runs import (HelpFormatter, UserError, environment_versions, run_main, seed_everything,
                          select_device, to_plain, update_metrics, write_json_atomic)
 
 PAIR_NAME = re.compile(r'^\d+\.png$')
@@ -277,7 +277,7 @@ def train_run(pairs: torch.Tensor, targets: np.ndarray, num_classes: int, seed: 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument('pairs_dir', type=Path, help="VP pairs folder (000000.png ..., "
                         "labels.npy, codes.npz)")
 

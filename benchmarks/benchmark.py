@@ -43,7 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.runs import UserError, run_main, select_device  # noqa: E402
+from models.runs import HelpFormatter, UserError, run_main, select_device  # noqa: E402
 from models.zca import BACKENDS, ZCANormBatch  # noqa: E402
 
 
@@ -481,7 +481,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     selection = parser.add_argument_group('sections')
     selection.add_argument('--sections', nargs='+', default=list(SECTIONS), metavar='NAME',
                       help=f"sections to run, from {list(SECTIONS)}")

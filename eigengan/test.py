@@ -22,14 +22,14 @@ import torch  # noqa: E402
 from eigengan import evaluate  # noqa: E402
 from models.images import ImageFolderDataset  # noqa: E402
 from models.metrics import MissingWeightsError, load_inception, load_lpips  # noqa: E402
-from models.runs import (UserError, load_checkpoint, run_main, select_device,  # noqa: E402
-                         update_metrics)
+from models.runs import (HelpFormatter, UserError, load_checkpoint, run_main,  # noqa: E402
+                         select_device, update_metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the evaluation flags."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('ckpt', type=Path, help='checkpoint written by train_ffhq.py or '
                                                 'train_animeface.py')
 

@@ -40,8 +40,8 @@ from models.images import ImageFolderDataset
 from models.orthogonality import orthogonality_error
 from models.preemption import (PreemptionHandler, ignore_stop_signals,
                                make_resumable_sampler, resume_position)
-from models.runs import (REPO_ROOT, RunLogger, UserError, prepare_run_dir, scratch_run_dir,
-                         seed_everything)
+from models.runs import (REPO_ROOT, HelpFormatter, RunLogger, UserError, prepare_run_dir,
+                         scratch_run_dir, seed_everything)
 
 REG_TYPES = ('nog', 'olr', 'nog_olr', 'ol', 'none')
 ADV_LOSSES = ('hinge', 'non_saturating', 'lsgan')
@@ -54,7 +54,7 @@ DATA_SEED_STRIDE = 1_000_003
 def build_parser(description: str, size: int) -> argparse.ArgumentParser:
     """Return the trainer's argument parser; ``size`` is the dataset's default image size."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('data', type=Path, help='folder of training images (searched recursively)')
     data.add_argument('--size', type=int, default=size, help='image side in pixels (power of 2)')

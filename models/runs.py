@@ -70,6 +70,16 @@ def run_main(main: Callable[[list[str] | None], int | None]) -> NoReturn:
 # Seeding and random state
 # ---------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if action.default is None or '(default' in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch on the CPU and every GPU."""
     random.seed(seed)

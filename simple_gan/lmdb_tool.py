@@ -29,7 +29,7 @@ from torchvision.transforms import functional as TF  # noqa: E402
 
 from models.images import IMAGE_EXTENSIONS, check_image_file, to_rgb  # noqa: E402
 from models.lmdb_data import open_lmdb  # noqa: E402
-from models.runs import UserError, run_main  # noqa: E402
+from models.runs import HelpFormatter, UserError, run_main  # noqa: E402
 from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
 
 # Entries written per LMDB transaction.
@@ -38,17 +38,17 @@ COMMIT_EVERY = 1000
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     create = commands.add_parser('create', help='image folder -> new LMDB database',
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     create.add_argument('folder', help='image folder, searched recursively')
     create.add_argument('output', help='LMDB folder to create (must not exist)')
     create.add_argument('--size', type=int, default=None,
                         help='resize the shorter side to SIZE pixels and store PNG '
                              '(default: store the files unchanged)')
     dump = commands.add_parser('dump', help='LMDB or CelebA folder -> PNG files',
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     dump.add_argument('source', help='LMDB folder (lsun) or image folder (celeba)')
     dump.add_argument('output', help='folder for the PNG files (must not hold PNG files)')
     dump.add_argument('--dataset_mode', choices=DATASET_MODES, default='lsun',

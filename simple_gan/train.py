@@ -43,7 +43,7 @@ from models.distributed import (DistContext, all_reduce_mean, barrier,  # noqa: 
                                 cleanup, per_rank_batch, rank_seed, torchrun_environment)
 from models.gan import save_image_grid  # noqa: E402
 from models.preemption import PreemptionHandler, ignore_stop_signals  # noqa: E402
-from models.runs import (RunLogger, UserError, load_checkpoint,  # noqa: E402
+from models.runs import (HelpFormatter, RunLogger, UserError, load_checkpoint,  # noqa: E402
                          prepare_run_dir, run_main, scratch_run_dir, seed_everything)
 from simple_gan.data import DATASET_MODES, make_dataset  # noqa: E402
 from simple_gan.devices import resolve_context  # noqa: E402
@@ -59,7 +59,7 @@ RANK_LOSSES = ('loss_D', 'loss_D_gp', 'loss_G', 'loss_G_reg')
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('--dataroot', required=True,
                       help='CelebA image folder (searched recursively) or LSUN LMDB folder')

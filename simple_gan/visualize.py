@@ -32,14 +32,14 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from models.gan import save_image_grid  # noqa: E402
-from models.runs import UserError, run_main, select_device  # noqa: E402
+from models.runs import HelpFormatter, UserError, run_main, select_device  # noqa: E402
 from simple_gan.networks import Generator, sefa_rotated  # noqa: E402
 from simple_gan.trainer import load_generator  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--model_path', nargs='+', required=True,
                         help='checkpoint files of train.py, or run folders (all their '
                              'epoch_NNNN.pt and latest.pt)')

@@ -16,12 +16,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.runs import UserError, run_main  # noqa: E402
+from models.runs import HelpFormatter, UserError, run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('out', type=Path, help='output folder (must not contain PNG files yet)')
     parser.add_argument('--size', type=int, default=32, help='image side in pixels')
     parser.add_argument('--invert', action='store_true', help='dark digits on a white ground')
