@@ -283,6 +283,7 @@ def train(run: TrainingRun, start_epoch: int, global_step: int, best_acc: float,
         run.train_sampler.set_start(min(sums['steps'] * per_batch,
                                         run.train_sampler.num_samples))
         generator_state = run.generator.get_state()
+        steps_before = sums['steps']  # done before a resume, in another process
         start = time.perf_counter()
         summary, global_step, stopped = train_one_epoch(run, epoch, global_step, sums)
         train_time = time.perf_counter() - start
@@ -320,7 +321,7 @@ def train(run: TrainingRun, start_epoch: int, global_step: int, best_acc: float,
                       'lr_pre_svd': optimizer.param_groups[-1]['lr'],
                       'nog_skips': run.updater.skipped,
                       'nog_rank_deficient': run.updater.rank_deficient, 'time': elapsed,
-                      'time_per_step': train_time / max(summary['steps'], 1)}
+                      'time_per_step': train_time / max(summary['steps'] - steps_before, 1)}
             log_epoch(run.logger, record, global_step)
             print(status_line(epoch, args.epochs, record), flush=True)
             is_best = test_acc > best_acc or not (run.run_dir / 'best.pt').exists()
