@@ -273,6 +273,9 @@ def build_model(args: argparse.Namespace, ctx: DistContext) -> tuple[nn.Module, 
 
 def load_resume_checkpoint(path: Path, args: argparse.Namespace) -> dict:
     """Load `path` and check that it was trained with the same model and optimiser options."""
+    if not path.parent.is_dir():
+        raise UserError(f"--resume: the run folder {path.parent} does not exist; drop --resume "
+                        f"to start a new run there")
     if not path.is_file():
         raise UserError(f"--resume: {path} not found (the run stopped before its first "
                         f"checkpoint, or this is not a run folder); remove the folder or "

@@ -326,9 +326,9 @@ def load_checkpoint(path: str | Path, map_location: Any = 'cpu') -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if 'weights only load failed' in str(err).lower():
-            raise UserError(f"checkpoint {path} contains objects other than tensors and plain "
-                            f"Python values, which torch.load(weights_only=True) rejects; "
-                            f"it was not written by this repository") from err
+            raise UserError(f"checkpoint {path} is corrupted or was not written by this "
+                            f"repository: torch.load(weights_only=True) found something other "
+                            f"than tensors and plain Python values in it") from err
         raise UserError(f"checkpoint {path} is corrupted or not a PyTorch checkpoint "
                         f"({err})") from err
     except Exception as err:
