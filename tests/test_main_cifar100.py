@@ -208,9 +208,13 @@ def test_corrupted_checkpoint_is_clear_error(cifar_root, tmp_path):
 
 
 def test_resume_without_checkpoint_is_clear_error(cifar_root, tmp_path):
-    with pytest.raises(UserError, match='last.pt'):
+    with pytest.raises(UserError, match='run folder .*absent does not exist'):
         main_cifar100.main(tiny_args(cifar_root, tmp_path / 'absent', '--resume'))
     assert not (tmp_path / 'absent').exists()
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='last.pt not found'):
+        main_cifar100.main(tiny_args(cifar_root, tmp_path / 'empty', '--resume'))
+    assert list((tmp_path / 'empty').iterdir()) == []
 
 
 def test_existing_run_folder_needs_resume(cifar_root, tmp_path):
