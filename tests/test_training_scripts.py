@@ -3,8 +3,10 @@ to end run of the CelebA scripts and the LSUN dump on tiny data (real interprete
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,13 +88,44 @@ def test_nproc_per_node_launches_torchrun(stub):
     assert "NPROC_PER_NODE must be a positive integer, got 'two'" in output, output
 
 
-def test_train_scripts_forward_sigterm():
-    # SLURM signals the batch shell (B:), which must have become the trainer through exec.
-    common = (REPO / 'training_scripts' / 'common.sh').read_text()
-    assert 'exec "${launcher[@]}" simple_gan/train.py' in common
+def test_train_scripts_ask_for_sigterm():
     for name in ('train_celeba.sh', 'train_lsun.sh'):
         header = (REPO / 'training_scripts' / name).read_text()
         assert '#SBATCH --signal=B:TERM@' in header, f"{name} has no --signal=B:TERM line"
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_train_script_passes_stop_signal_on_and_exits_zero(tmp_path, signum):
+    # SLURM's B: signals reach the batch shell only. A stand-in for torchrun records the
+    # SIGTERM it gets and exits 1, as torchrun does after a signal; the script exits 0.
+    log, ready = tmp_path / 'calls.log', tmp_path / 'ready'
+    python = tmp_path / 'python'
+    python.write_text(f'#!/usr/bin/env bash\ntrap \'echo TERM >> "{log}"; exit 1\' TERM\n'
+                      f'touch "{ready}"\nwhile true; do sleep 0.05; done\n')
+    python.chmod(0o755)
+    env = {**os.environ, 'PYTHON': str(python), 'CHECKPOINTS_DIR': str(tmp_path / 'ck'),
+           'NPROC_PER_NODE': '2'}
+    process = subprocess.Popen(['bash', str(REPO / 'training_scripts' / 'train_celeba.sh'),
+                                'nog', '/data/celeba'], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signum)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert log.read_text() == 'TERM\n', 'the launcher did not get exactly one SIGTERM'
+    assert 'run the same command again to resume' in output, output
+
+
+def test_train_script_keeps_launcher_failure(tmp_path):
+    python = tmp_path / 'python'
+    python.write_text('#!/usr/bin/env bash\nexit 3\n')
+    python.chmod(0o755)
+    result, output = run_script('train_celeba.sh', 'nog', '/data/celeba',
+                                env={'PYTHON': str(python), 'CHECKPOINTS_DIR': str(tmp_path)})
+    assert result.returncode == 3, output
 
 
 def test_bad_method_and_missing_data(stub):

@@ -63,9 +63,11 @@ parse_method_and_data() {
 
 # run_training DATASET_MODE DATAROOT METHOD [train.py options...]
 # Starts the run CHECKPOINTS_DIR/DATASET_METHOD, or resumes it when its folder exists (a
-# requeued SLURM job or a second call). exec hands SIGTERM straight to the trainer, which
-# saves latest.pt and exits 0. With NPROC_PER_NODE above 1, exec hands it to torchrun, which
-# passes it on to every process. They all stop after the same step, and rank 0 saves.
+# requeued SLURM job or a second call). The trainer runs in the background so that this shell
+# can pass a SIGTERM or SIGINT on at once, as SIGTERM; the trainer saves latest.pt and exits 0.
+# With NPROC_PER_NODE above 1 the signal goes to torchrun, which passes it on to every
+# process; they all stop after the same step and rank 0 saves. torchrun itself then exits
+# with status 1, so after a stop signal this function exits 0 whatever the launcher returned.
 run_training() {
   local dataset_mode="$1" dataroot="$2" method="$3"
   shift 3
@@ -83,9 +85,24 @@ run_training() {
     launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
   fi
   cd "$REPO_ROOT"
-  exec "${launcher[@]}" simple_gan/train.py --dataset_mode "$dataset_mode" \
+  "${launcher[@]}" simple_gan/train.py --dataset_mode "$dataset_mode" \
     --model "$MODEL_TYPE" --nz 30 --reg_type "$method" --dataroot "$dataroot" --name "$name" \
-    --checkpoints_dir "$CHECKPOINTS_DIR" "${resume[@]}" "$@"
+    --checkpoints_dir "$CHECKPOINTS_DIR" "${resume[@]}" "$@" &
+  trainer=$!
+  stop_signal=0
+  trap 'stop_signal=1; kill -TERM "$trainer" 2>/dev/null || true' TERM INT
+  # wait returns early when a trapped signal arrives; wait again until the trainer is gone.
+  while kill -0 "$trainer" 2>/dev/null; do
+    wait "$trainer" || true
+  done
+  trap - TERM INT
+  local status=0
+  wait "$trainer" || status=$?
+  if (( stop_signal )); then
+    echo "stopped by a signal; run the same command again to resume"
+    exit 0
+  fi
+  exit "$status"
 }
 
 # prepare_real_images DATASET_MODE DATAROOT OUT_DIR: the training view of the real images,

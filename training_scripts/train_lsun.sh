@@ -19,9 +19,8 @@
 # NPROC_PER_NODE and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (described in common.sh).
 #
 # Preemption: --signal=B:TERM@300 makes SLURM send SIGTERM to this script 300 s before the time
-# limit. The script execs the trainer (or torchrun), so the trainer receives the signal. It
-# finishes its step, writes latest.pt with the step and data position, and exits 0 (torchrun
-# then exits with status 1, as it does after any signal).
+# limit. The script passes it on to the trainer (or torchrun), which finishes its step, writes
+# latest.pt with the step and data position, and exits; the script then exits 0.
 # Several GPUs of one node: sbatch --gres=gpu:N with NPROC_PER_NODE=N runs the trainer under
 # torchrun. --batch_size stays the global batch, which N must divide.
 set -euo pipefail
