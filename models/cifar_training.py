@@ -289,7 +289,7 @@ def train(run: TrainingRun, start_epoch: int, global_step: int, best_acc: float,
         train_time = time.perf_counter() - start
 
         # Stopped by a signal: save the position inside the epoch and leave.
-        # Every rank joins the two collectives; only rank 0 writes.
+        # Every rank joins the two collectives, and only rank 0 writes.
         if stopped:
             rank_states = gather_rank_states(ctx, generator_state)
             mean_sums = reduce_epoch_sums(sums, ctx)

@@ -58,7 +58,7 @@ def _wrong_weights(path: Path, file_name: str, url: str, error: Exception) -> Us
 
 
 def read_weights(path: Path, file_name: str, url: str) -> dict:
-    """Load a weights file with ``weights_only=True``; a damaged file raises ``UserError``."""
+    """Load a weights file with ``weights_only=True``, raising ``UserError`` when it is damaged."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:

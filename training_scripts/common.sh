@@ -43,7 +43,7 @@ check_method() {
 
 # parse_method_and_data DATA_VARIABLE [METHOD] [DATA_PATH] [options...]
 # Sets METHOD (checked), DATAROOT and ARGS (the options). The data path is the argument after
-# the method unless that is an option; else it comes from the environment variable named
+# the method unless that is an option. Otherwise it comes from the environment variable named
 # DATA_VARIABLE.
 parse_method_and_data() {
   local data_variable="$1"
@@ -64,9 +64,9 @@ parse_method_and_data() {
 # run_training DATASET_MODE DATAROOT METHOD [train.py options...]
 # Starts the run CHECKPOINTS_DIR/DATASET_METHOD, or resumes it when its folder exists (a
 # requeued SLURM job or a second call). The trainer runs in the background so that this shell
-# can pass a SIGTERM or SIGINT on at once, as SIGTERM; the trainer saves latest.pt and exits 0.
-# With NPROC_PER_NODE above 1 the signal goes to torchrun, which passes it on to every
-# process; they all stop after the same step and rank 0 saves. torchrun itself then exits
+# can pass a SIGTERM or SIGINT on at once, as SIGTERM. The trainer then saves latest.pt and
+# exits 0. With NPROC_PER_NODE above 1 the signal goes to torchrun, which passes it on to every
+# process, so all of them stop after the same step and rank 0 saves. torchrun itself then exits
 # with status 1, so after a stop signal this function exits 0 whatever the launcher returned.
 run_training() {
   local dataset_mode="$1" dataroot="$2" method="$3"
@@ -91,7 +91,7 @@ run_training() {
   trainer=$!
   stop_signal=0
   trap 'stop_signal=1; kill -TERM "$trainer" 2>/dev/null || true' TERM INT
-  # wait returns early when a trapped signal arrives; wait again until the trainer is gone.
+  # wait returns early when a trapped signal arrives, so wait again until the trainer is gone.
   while kill -0 "$trainer" 2>/dev/null; do
     wait "$trainer" || true
   done

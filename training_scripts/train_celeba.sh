@@ -20,7 +20,7 @@
 #
 # Preemption: --signal=B:TERM@300 makes SLURM send SIGTERM to this script 300 s before the time
 # limit. The script passes it on to the trainer (or torchrun), which finishes its step, writes
-# latest.pt with the step and data position, and exits; the script then exits 0.
+# latest.pt with the step and data position, and exits. The script then exits 0.
 # Several GPUs of one node: sbatch --gres=gpu:N with NPROC_PER_NODE=N runs the trainer under
 # torchrun. --batch_size stays the global batch, which N must divide.
 set -euo pipefail
