@@ -66,10 +66,6 @@ def run_main(main: Callable[[list[str] | None], int | None]) -> NoReturn:
     sys.exit(code or 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Seeding and random state
-# ---------------------------------------------------------------------------------------------
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with each option's default, except where there is none or the help says it."""
 
@@ -79,6 +75,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return text
         return super()._get_help_string(action)
 
+
+# ---------------------------------------------------------------------------------------------
+# Seeding and random state
+# ---------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch on the CPU and every GPU."""
