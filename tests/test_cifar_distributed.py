@@ -291,7 +291,7 @@ def test_sigterm_to_one_rank_stops_both(stopped_two_ranks):
     assert len(state['rank_states']) == WORLD_SIZE
 
 
-def test_two_rank_stop_and_resume_equals_uninterrupted(stopped_two_ranks):
+def test_two_rank_resume_matches_uninterrupted(stopped_two_ranks):
     logs, _, _ = stopped_two_ranks
     whole, split = load_checkpoint(logs / 'whole' / 'last.pt'), load_checkpoint(
         logs / 'split' / 'last.pt')

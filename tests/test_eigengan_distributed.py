@@ -157,7 +157,7 @@ def test_two_rank_resume_is_exact(two_ranks):
         assert_states_equal(a[key], b[key], key)
 
 
-def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(two_ranks, data_dir, tmp_path):
+def test_one_rank_sigterm_resumes_exactly(two_ranks, data_dir, tmp_path):
     # Rank 1 receives SIGTERM in step 1 of 3: both ranks stop after it and exit 0 (checked
     # when they ran), rank 0 writes last.pt only, and the resumed run ends as the
     # uninterrupted one.

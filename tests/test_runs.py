@@ -382,7 +382,7 @@ def test_run_dir_under_a_file_is_user_error(tmp_path):
     assert blocker.read_text() == 'not a folder'
 
 
-def test_ctrl_c_during_checkpoint_write_acts_after_it(tmp_path):
+def test_ctrl_c_waits_for_checkpoint_write(tmp_path):
     # SIGINT arrives halfway through the write: the file is completed and moved into place,
     # then KeyboardInterrupt is raised, with the previous handler back in place.
     path = tmp_path / 'ckpt.bin'

@@ -95,7 +95,7 @@ def test_train_scripts_ask_for_sigterm():
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_train_script_passes_stop_signal_on_and_exits_zero(tmp_path, signum):
+def test_stop_signal_forwarded_exit_zero(tmp_path, signum):
     # SLURM's B: signals reach the batch shell only. A stand-in for torchrun records the
     # SIGTERM it gets and exits 1, as torchrun does after a signal; the script exits 0.
     log, ready = tmp_path / 'calls.log', tmp_path / 'ready'
@@ -138,7 +138,7 @@ def test_bad_method_and_missing_data(stub):
     assert 'CELEBA_ROOT' in output, output
 
 
-def test_spool_copy_finds_repository_from_submit_folder(stub, tmp_path):
+def test_spool_copy_finds_repository(stub, tmp_path):
     # sbatch runs a copy of the script from its spool folder; SLURM_SUBMIT_DIR is where
     # sbatch was called, here the repository or its training_scripts/ folder.
     env, log = stub
