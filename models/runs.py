@@ -67,7 +67,7 @@ def run_main(main: Callable[[list[str] | None], int | None]) -> NoReturn:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default, except where there is none or the help says it."""
+    """``--help`` with each option's default, except where there is none or the help names it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ''
@@ -224,17 +224,17 @@ def _stop_signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[int] = []
+    pending: list[int] = []
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not None:
-            previous[signum] = signal.signal(signum, lambda number, frame: held.append(number))
+            previous[signum] = signal.signal(signum, lambda number, frame: pending.append(number))
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in held:
+        for signum in pending:
             signal.raise_signal(signum)
 
 

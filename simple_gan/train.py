@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str] | None, ctx: DistContext) -> int:
     """Set up the data, the run folder and the training state, then train until a stop.
 
-    A dry run writes its run folder into a temporary directory that is removed at the end;
-    with --continue_train it starts from the real run folder's latest.pt and leaves it as is.
+    A dry run writes its run folder into a temporary directory that is removed at the end.
+    With --continue_train it starts from the real run folder's latest.pt and leaves it as is.
     """
     check_amp(args.amp, ctx.device)
     per_batch = per_rank_batch(args.batch_size, ctx.world_size, '--batch_size')

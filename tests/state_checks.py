@@ -2,21 +2,21 @@
 import torch
 
 
-def assert_states_equal(one, two, where=''):
+def assert_states_equal(first, second, where=''):
     """Assert that two nested dicts, lists and tensors are equal, every tensor bit for bit.
 
     The message names the path of the first difference and, for tensors, the largest absolute
     difference.
     """
-    if isinstance(one, torch.Tensor):
-        assert torch.equal(one, two), f"{where}: max difference {(one - two).abs().max()}"
-    elif isinstance(one, dict):
-        assert one.keys() == two.keys(), f"{where}: keys {one.keys() ^ two.keys()}"
-        for key in one:
-            assert_states_equal(one[key], two[key], f'{where}/{key}')
-    elif isinstance(one, (list, tuple)):
-        assert len(one) == len(two), f"{where}: lengths {len(one)} and {len(two)}"
-        for index, (x, y) in enumerate(zip(one, two)):
+    if isinstance(first, torch.Tensor):
+        assert torch.equal(first, second), f"{where}: max difference {(first - second).abs().max()}"
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys(), f"{where}: keys {first.keys() ^ second.keys()}"
+        for key in first:
+            assert_states_equal(first[key], second[key], f'{where}/{key}')
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), f"{where}: lengths {len(first)} and {len(second)}"
+        for index, (x, y) in enumerate(zip(first, second)):
             assert_states_equal(x, y, f'{where}/{index}')
     else:
-        assert one == two, f"{where}: {one!r} != {two!r}"
+        assert first == second, f"{where}: {first!r} != {second!r}"

@@ -158,4 +158,5 @@ def test_check_amp_warns_on_cpu(mode, caplog):
     if mode == 'off':
         assert warned == []
     else:
-        assert len(warned) == 1 and f'--amp {mode} on the CPU' in warned[0], warned
+        assert len(warned) == 1, warned
+        assert f'--amp {mode} on the CPU' in warned[0], warned

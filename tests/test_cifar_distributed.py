@@ -286,8 +286,8 @@ def test_sigterm_to_one_rank_stops_both(stopped_two_ranks):
     assert_states_equal(rank0, rank1, 'model after the stop')
     assert_states_equal(state['model'], rank0, 'checkpoint against rank 0')
     assert state['global_step'] == TWO_RANK_STOP_AT, state['global_step']
-    assert state['epoch'] == 1 and state['epoch_sums']['steps'] == 1, (
-        state['epoch'], state['epoch_sums'])
+    assert state['epoch'] == 1, state['epoch']
+    assert state['epoch_sums']['steps'] == 1, state['epoch_sums']
     assert len(state['rank_states']) == WORLD_SIZE
 
 

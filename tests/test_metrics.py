@@ -79,4 +79,5 @@ def test_wrong_weights_file_is_clear_error(tmp_path, loader, content):
     with pytest.raises(UserError) as err:
         load(path)
     message = str(err.value)
-    assert str(path) in message and 'download it again' in message, message
+    assert str(path) in message, message
+    assert 'download it again' in message, message

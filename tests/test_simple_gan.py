@@ -265,7 +265,7 @@ def test_dry_run_leaves_no_run_folder(faces, tmp_path, capsys):
     after = {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()}
     assert after == files, 'the dry run changed the run folder'
 
-    # A run already at --max_steps says so and trains nothing.
+    # A run already at --max_steps prints a message and trains nothing.
     assert train.main([*argv, '--continue_train', '--max_steps', '1']) == 0
     assert 'raise --max_steps' in capsys.readouterr().out
     assert load_checkpoint(tmp_path / 'run' / 'latest.pt')['step'] == 1
